@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything iovirt needs on a fresh Debian 12 machine (run as root):
+# Debian packages, a venv in .venv, the package in editable mode with its C extension.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEBIAN_PACKAGES=(
+    python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev binutils
+)
+
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: Debian packages missing (${missing[*]}); run as root to apt-get install them" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's own Python: its headers match python3-dev, whatever other Pythons are on PATH.
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+.venv/bin/python -m pip install -q -e '.[test]'
+# Fail here, not in the first test, if the C extension did not build.
+.venv/bin/python -c 'import iovirt._native'
+echo "install.sh: ready (.venv/bin/iovirt)"

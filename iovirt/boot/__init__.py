@@ -1,0 +1,1 @@
+"""Linux boot protocol, e820 and platform tables (the Linux boot issue)."""

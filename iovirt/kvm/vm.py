@@ -1,0 +1,218 @@
+"""A KVM virtual machine: memory slots, in-kernel irqchip and PIT, irqfd, ioeventfd,
+GSI routing, and vCPU creation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from iovirt.errors import KvmError
+from iovirt.kvm._ioctl import ffi, ioctl_int, ioctl_ptr, lib
+
+if TYPE_CHECKING:
+    from iovirt.kvm.system import Kvm
+    from iovirt.kvm.vcpu import KvmVcpu
+
+# Three pages below the 4 GiB boundary that Intel's VMX needs for real-mode emulation
+# (TSS) plus one for the EPT identity map; the same addresses QEMU and kvmtool use, inside
+# the BIOS area that guest RAM layouts leave unmapped.
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+# Legacy ISA interrupts 0-15 go to both PICs and the IOAPIC; 16-23 to the IOAPIC only.
+NUM_IOAPIC_PINS = 24
+
+
+@dataclass(frozen=True)
+class MsiRoute:
+    """A GSI routed to an MSI message (address/data as the guest programmed them)."""
+
+    gsi: int
+    address: int
+    data: int
+
+
+class KvmVm:
+    """One VM file descriptor and what hangs off it."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.fd = ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        self.has_irqchip = False
+        self._msi_routes: dict[int, MsiRoute] = {}
+        self._next_slot = 0
+        try:
+            # Only VMX needs these; elsewhere the ioctls may be refused, which is harmless.
+            if kvm.check_extension(lib.KVM_CAP_SET_TSS_ADDR):
+                with contextlib.suppress(KvmError):
+                    ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
+            if kvm.check_extension(lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                addr = ffi.new("uint64_t *", IDENTITY_MAP_ADDR)
+                with contextlib.suppress(KvmError):
+                    ioctl_ptr(
+                        self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, addr, "KVM_SET_IDENTITY_MAP_ADDR"
+                    )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- memory -------------------------------------------------------------------------
+
+    def add_memory_slot(
+        self, gpa: int, size: int, host_addr: int, readonly: bool = False, log_dirty: bool = False
+    ) -> int:
+        """Map ``size`` bytes at host ``host_addr`` as guest-physical ``gpa``; returns the slot."""
+        slot = self._next_slot
+        self.set_memory_slot(slot, gpa, size, host_addr, readonly, log_dirty)
+        self._next_slot += 1
+        return slot
+
+    def set_memory_slot(
+        self,
+        slot: int,
+        gpa: int,
+        size: int,
+        host_addr: int,
+        readonly: bool = False,
+        log_dirty: bool = False,
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION (size 0 deletes the slot)."""
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = slot
+        region.flags = (lib.KVM_MEM_READONLY if readonly else 0) | (
+            lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+        )
+        region.guest_phys_addr = gpa
+        region.memory_size = size
+        region.userspace_addr = host_addr
+        ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    # -- interrupt controllers ----------------------------------------------------------
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC pair, IOAPIC and per-vCPU LAPICs (before any vCPU exists)."""
+        ioctl_int(self.fd, lib.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        self.has_irqchip = True
+
+    def create_pit(self) -> None:
+        """In-kernel i8254 PIT on ports 0x40-0x43 (speaker port left to userspace)."""
+        config = ffi.new("struct kvm_pit_config *")
+        config.flags = lib.KVM_PIT_SPEAKER_DUMMY
+        ioctl_ptr(self.fd, lib.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
+
+    def irq_line(self, gsi: int, level: bool) -> None:
+        """KVM_IRQ_LINE: drive a GSI's input level."""
+        irq = ffi.new("struct kvm_irq_level *")
+        irq.irq = gsi
+        irq.level = 1 if level else 0
+        ioctl_ptr(self.fd, lib.KVM_IRQ_LINE, irq, "KVM_IRQ_LINE")
+
+    def irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """Inject GSI ``gsi`` whenever eventfd ``fd`` is signalled (level + resample if given)."""
+        req = ffi.new("struct kvm_irqfd *")
+        req.fd = fd
+        req.gsi = gsi
+        if resample_fd is not None:
+            req.flags = lib.KVM_IRQFD_FLAG_RESAMPLE
+            req.resamplefd = resample_fd
+        ioctl_ptr(self.fd, lib.KVM_IRQFD, req, "KVM_IRQFD")
+
+    def irqfd_remove(self, fd: int, gsi: int) -> None:
+        req = ffi.new("struct kvm_irqfd *")
+        req.fd = fd
+        req.gsi = gsi
+        req.flags = lib.KVM_IRQFD_FLAG_DEASSIGN
+        ioctl_ptr(self.fd, lib.KVM_IRQFD, req, "KVM_IRQFD(deassign)")
+
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        pio: bool,
+        datamatch: int | None = None,
+        remove: bool = False,
+    ) -> None:
+        """Signal eventfd ``fd`` on a guest write to ``addr`` instead of exiting to userspace."""
+        req = ffi.new("struct kvm_ioeventfd *")
+        req.addr = addr
+        req.len = length
+        req.fd = fd
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+            req.datamatch = datamatch
+        if remove:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        req.flags = flags
+        ioctl_ptr(self.fd, lib.KVM_IOEVENTFD, req, "KVM_IOEVENTFD")
+
+    # -- GSI routing --------------------------------------------------------------------
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        """Route ``gsi`` to an MSI message and push the whole table to KVM."""
+        self._msi_routes[gsi] = MsiRoute(gsi, address, data)
+        self._commit_routes()
+
+    def remove_msi_route(self, gsi: int) -> None:
+        self._msi_routes.pop(gsi, None)
+        self._commit_routes()
+
+    def _commit_routes(self) -> None:
+        """KVM_SET_GSI_ROUTING replaces the whole table, so it always carries the default
+        irqchip routes for GSIs 0-23 alongside our MSI routes."""
+        irqchip_entries: list[tuple[int, int, int]] = []
+        if self.has_irqchip:
+            for pin in range(NUM_IOAPIC_PINS):
+                if pin < 16 and pin != 2:
+                    chip = lib.KVM_IRQCHIP_PIC_MASTER if pin < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+                    irqchip_entries.append((pin, chip, pin % 8))
+                # ISA IRQ0 reaches IOAPIC pin 2 (the interrupt source override in MP/ACPI).
+                irqchip_entries.append((pin, lib.KVM_IRQCHIP_IOAPIC, 2 if pin == 0 else pin))
+        n = len(irqchip_entries) + len(self._msi_routes)
+        size = ffi.sizeof("struct kvm_irq_routing") + n * ffi.sizeof("struct kvm_irq_routing_entry")
+        raw = ffi.new("char[]", size)
+        table = ffi.cast("struct kvm_irq_routing *", raw)
+        table.nr = n
+        entries = ffi.cast(
+            "struct kvm_irq_routing_entry *", raw + ffi.sizeof("struct kvm_irq_routing")
+        )
+        i = 0
+        for gsi, chip, pin in irqchip_entries:
+            entries[i].gsi = gsi
+            entries[i].type = lib.KVM_IRQ_ROUTING_IRQCHIP
+            entries[i].u.irqchip.irqchip = chip
+            entries[i].u.irqchip.pin = pin
+            i += 1
+        for route in self._msi_routes.values():
+            entries[i].gsi = route.gsi
+            entries[i].type = lib.KVM_IRQ_ROUTING_MSI
+            entries[i].u.msi.address_lo = route.address & 0xFFFF_FFFF
+            entries[i].u.msi.address_hi = route.address >> 32
+            entries[i].u.msi.data = route.data
+            i += 1
+        ioctl_ptr(self.fd, lib.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: deliver one MSI now; >0 if delivered, 0 if the guest blocked it."""
+        msi = ffi.new("struct kvm_msi *")
+        msi.address_lo = address & 0xFFFF_FFFF
+        msi.address_hi = address >> 32
+        msi.data = data
+        return ioctl_ptr(self.fd, lib.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+
+    # -- vCPUs --------------------------------------------------------------------------
+
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        from iovirt.kvm.vcpu import KvmVcpu
+
+        return KvmVcpu(self, index)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,1 @@
+"""Helpers for tests and fuzzing: building guest programs, driver-side queue builders."""

@@ -1,0 +1,1 @@
+"""virtio transports and device front halves (the virtqueue issue)."""
