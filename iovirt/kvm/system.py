@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 from typing import Any
 
 from iovirt.errors import KvmError, ResourceError
@@ -113,3 +114,14 @@ def cpuid2_entries(cpuid: Any) -> Any:
     return ffi.cast(
         "struct kvm_cpuid_entry2 *", ffi.cast("char *", cpuid) + ffi.sizeof("struct kvm_cpuid2")
     )
+
+
+def kvm_flavour() -> str:
+    """Which KVM this host has: ``"vmx"`` (kvm_intel), ``"svm"`` (kvm_amd), ``"pvm"``
+    (kvm_pvm: software virtualization that runs small guests but not a stock Linux
+    kernel, see ENVIRONMENT.md), or ``"none"``."""
+    modules = Path("/sys/module")
+    for module, flavour in (("kvm_pvm", "pvm"), ("kvm_intel", "vmx"), ("kvm_amd", "svm")):
+        if (modules / module).exists():
+            return flavour
+    return "none"

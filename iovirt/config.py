@@ -1,0 +1,156 @@
+"""The VM config file (TOML): schema, validation, and one-line errors.
+
+The shape follows DESIGN.md: ``[vm]`` for the machine, then one table per device class.
+Every problem is reported as a :class:`~iovirt.errors.ConfigError` naming the dotted key
+(``vm.memory``, ``serial.backend.path``) and what is wrong, so ``iovirt check`` and
+``iovirt run`` can print it as one line. Relative paths are taken relative to the current
+directory, as QEMU and Firecracker do.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from iovirt.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """``512M``, ``2G``, ``1048576`` -> bytes (binary units, as QEMU reads ``-m``)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M or 2G")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    raise ValueError(f"{value!r} is not a size; write it like 512M or 2G")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VmSection(_Strict):
+    """``[vm]``: the machine itself."""
+
+    memory: int = 256 << 20
+    vcpus: Annotated[int, Field(ge=1, le=255)] = 1
+    firmware: Path | None = None
+    debug_exit: bool = False
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> int:
+        size = parse_size(v)
+        if size < 1 << 20:
+            raise ValueError(f"{size} bytes is too little; give at least 1M")
+        if size % 4096:
+            raise ValueError(f"{size} bytes is not a multiple of 4K")
+        return size
+
+
+class StdioChar(_Strict):
+    kind: Literal["stdio"]
+    input: bool = True
+
+
+class FileChar(_Strict):
+    kind: Literal["file"]
+    path: Path
+    append: bool = False
+
+
+class SocketChar(_Strict):
+    kind: Literal["socket"]
+    path: Path
+
+
+class PtyChar(_Strict):
+    kind: Literal["pty"]
+
+
+class NullChar(_Strict):
+    kind: Literal["null"]
+
+
+CharBackendConfig = Annotated[
+    StdioChar | FileChar | SocketChar | PtyChar | NullChar, Field(discriminator="kind")
+]
+
+
+class SerialSection(_Strict):
+    """``[serial]``: COM1 (0x3f8, IRQ 4) and where its bytes go."""
+
+    backend: CharBackendConfig = StdioChar(kind="stdio")
+    log: Path | None = None
+
+
+class VmConfig(_Strict):
+    """A whole config file."""
+
+    vm: VmSection = VmSection()
+    serial: SerialSection = SerialSection()
+
+
+def _key_of(loc: tuple[int | str, ...]) -> str:
+    # pydantic puts the discriminator value into the location of a tagged union
+    # ("serial.backend.file.path"); users wrote "serial.backend.path".
+    parts = [str(p) for p in loc]
+    out: list[str] = []
+    for i, p in enumerate(parts):
+        if i > 0 and parts[i - 1] == "backend" and p in ("stdio", "file", "socket", "pty", "null"):
+            continue
+        out.append(p)
+    return ".".join(out) or "(top level)"
+
+
+def _problem_of(err: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see docs/config.md)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown kind {err['input'].get('kind')!r}; expected {err['ctx']['expected_tags']}"
+    if kind == "union_tag_not_found":
+        return "needs a 'kind' key"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: dict[str, Any]) -> VmConfig:
+    """Validate a decoded TOML document; raise ConfigError on the first problem."""
+    try:
+        return VmConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(_key_of(first["loc"]), _problem_of(first)) from e
+
+
+def load_config(path: str | Path) -> VmConfig:
+    """Read, parse and validate a config file, checking that the files it names exist."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError as e:
+        raise ConfigError(str(p), "no such config file") from e
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), f"not valid TOML: {e}") from e
+    config = parse_config(data)
+    fw = config.vm.firmware
+    if fw is not None and not fw.is_file():
+        raise ConfigError("vm.firmware", f"{fw}: no such file")
+    return config
