@@ -54,7 +54,7 @@ _STDOUT_STALL_TIMEOUT_S = 1.0
 class CharBackend(Protocol):
     """The host side of a character device."""
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         """Start delivering host input to on_input (called on the loop's thread)."""
         ...
 
@@ -140,14 +140,14 @@ class StdioBackend:
         self._on_quit = on_quit
         self._lock = threading.Lock()  # serializes writers so chunks do not interleave
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_input: Callable[[bytes], None] | None = None
+        self._on_input: Callable[[bytes], object] | None = None
         self._saved_tty: list[Any] | None = None
         self._escape_pending = False
         self._stalled = False
         self.reading = False
         self.dropped = 0  # output bytes stdout did not take
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         self._loop = loop
         self._on_input = on_input
         if not self._want_input or not _fd_readable(STDIN_FD):
@@ -269,7 +269,7 @@ class FileBackend:
         self._fd: int | None = None
         self.dropped = 0  # bytes not written (before open, after close, write errors)
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
         flags |= os.O_APPEND if self.append else os.O_TRUNC
         try:
@@ -321,14 +321,14 @@ class UnixSocketBackend:
         self.path = path
         self._lock = threading.Lock()  # guards _client against vCPU writers
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_input: Callable[[bytes], None] | None = None
+        self._on_input: Callable[[bytes], object] | None = None
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
         self._created: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self.dropped = 0  # output bytes no client took
         self.clients_accepted = 0
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         self._remove_stale_socket()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -485,13 +485,13 @@ class PtyBackend:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards the master fd against vCPU writers
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_input: Callable[[bytes], None] | None = None
+        self._on_input: Callable[[bytes], object] | None = None
         self._master: int | None = None
         self._slave: int | None = None
         self.slave_path: str | None = None
         self.dropped = 0  # output bytes the pty buffer had no room for
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         try:
             master, slave = os.openpty()
         except OSError as err:
@@ -577,12 +577,12 @@ class BufferBackend:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._on_input: Callable[[bytes], None] | None = None
+        self._on_input: Callable[[bytes], object] | None = None
         self.output = bytearray()
         self.opened = False
         self.closed = False
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], None]) -> None:
+    def open(self, loop: asyncio.AbstractEventLoop, on_input: Callable[[bytes], object]) -> None:
         self._on_input = on_input
         self.opened = True
 

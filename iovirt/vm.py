@@ -156,7 +156,7 @@ class Vm:
         except BaseException:
             self.close()
             raise
-        self._char_backends: list[tuple[CharBackend, Callable[[bytes], None]]] = []
+        self._char_backends: list[tuple[CharBackend, Callable[[bytes], object]]] = []
         self._exit: VmExit | None = None
         self._exit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,7 +173,7 @@ class Vm:
             return KvmIrqLine(self.kvm_vm, gsi)
         return _NoIrqLine(gsi)
 
-    def add_char_backend(self, backend: CharBackend, on_input: Callable[[bytes], None]) -> None:
+    def add_char_backend(self, backend: CharBackend, on_input: Callable[[bytes], object]) -> None:
         """Open ``backend`` on the host I/O loop when the VM runs; input goes to ``on_input``."""
         self._char_backends.append((backend, on_input))
 
