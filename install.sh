@@ -30,4 +30,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # Fail here, not in the first test, if the C extension did not build.
 .venv/bin/python -c 'import iovirt._native'
+# The bundled example's firmware (examples/hello.toml boots it).
+mkdir -p build
+.venv/bin/python -m iovirt.testing.asm examples/hello.S build/hello-firmware.bin
 echo "install.sh: ready (.venv/bin/iovirt)"

@@ -40,14 +40,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iovirt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"iovirt {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: info, -vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="boot a VM from a config file")
     run.add_argument("config", help="TOML config file")
-    run.add_argument("--timeout", type=float, default=None,
-                     help="stop the guest after this many seconds (exit status 1)")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop the guest after this many seconds (exit status 1)",
+    )
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file without running it")
