@@ -8,6 +8,7 @@ raised *before* any host memory is touched. Devices get guest data only through 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
@@ -133,9 +134,14 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest RAM at ``gpa`` (all of it, or raise and write nothing)."""
-        length = len(data)
+        # Count bytes, not items: a memoryview over array('I') has len() of its items.
+        raw = memoryview(data)
+        if not raw.c_contiguous:
+            raw = memoryview(raw.tobytes())
+        raw = raw.cast("B")
+        length = raw.nbytes
         region, off = self._locate(gpa, length)
-        region.mapping[off : off + length] = data
+        region.mapping[off : off + length] = raw
 
     def fill(self, gpa: int, length: int, value: int = 0) -> None:
         """Set ``length`` bytes at ``gpa`` to ``value``."""
@@ -182,7 +188,10 @@ class GuestMemory:
             ffi.release(pin)
         self._pins.clear()
         for r in self.regions:
-            r.mapping.close()
+            # A view still held somewhere keeps its mapping alive until it is released;
+            # the memfd and the region table go now regardless.
+            with contextlib.suppress(BufferError):
+                r.mapping.close()
         self.regions.clear()
         if self.fd >= 0:
             os.close(self.fd)

@@ -55,9 +55,10 @@ class Bus:
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
-        self._bases: list[int] = []
-        self._ranges: list[BusRange] = []
-        self._lock = threading.Lock()  # registration vs. lookups from vCPU threads
+        # Lookups run on vCPU threads without a lock: they read one immutable snapshot,
+        # which registration replaces whole (under the lock) instead of editing in place.
+        self._table: tuple[tuple[int, ...], tuple[BusRange, ...]] = ((), ())
+        self._lock = threading.Lock()
         self._unclaimed_seen: set[int] = set()
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
@@ -73,35 +74,38 @@ class Bus:
             )
         new = BusRange(base, size, device, name)
         with self._lock:
-            i = bisect.bisect_right(self._bases, base)
-            for neighbour in self._ranges[max(i - 1, 0) : i + 1]:
+            bases, ranges = self._table
+            i = bisect.bisect_right(bases, base)
+            for neighbour in ranges[max(i - 1, 0) : i + 1]:
                 if neighbour.base < new.end and base < neighbour.end:
                     raise BusError(
                         f"{self.name}: {name} [{base:#x}, {new.end:#x}) overlaps "
                         f"{neighbour.name} [{neighbour.base:#x}, {neighbour.end:#x})"
                     )
-            self._bases.insert(i, base)
-            self._ranges.insert(i, new)
+            self._table = ((*bases[:i], base, *bases[i:]), (*ranges[:i], new, *ranges[i:]))
         return new
 
     def unregister(self, registration: BusRange) -> None:
         """Remove a range handed out by :meth:`register`."""
         with self._lock:
-            i = self._ranges.index(registration)
-            del self._ranges[i]
-            del self._bases[i]
+            bases, ranges = self._table
+            if registration not in ranges:
+                raise BusError(f"{self.name}: {registration.name} is not registered")
+            i = ranges.index(registration)
+            self._table = (bases[:i] + bases[i + 1 :], ranges[:i] + ranges[i + 1 :])
 
     def find(self, addr: int) -> BusRange | None:
         """The range containing ``addr``, or None."""
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i < 0:
             return None
-        r = self._ranges[i]
+        r = ranges[i]
         return r if addr < r.end else None
 
     @property
     def ranges(self) -> tuple[BusRange, ...]:
-        return tuple(self._ranges)
+        return self._table[1]
 
     def read(self, addr: int, size: int) -> int:
         """Dispatch a read; all-ones if no device claims the whole access."""

@@ -8,6 +8,7 @@ failed write is checked by comparing all of guest RAM before and after.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import stat
@@ -90,7 +91,7 @@ def range_cases(layout: Layout) -> list[Case]:
             ]
         if end < TOP:
             cases.append(Case(f"r{n}_zero_length_after_end", end + 1, 0, False))
-    for n, ((a, asz), (b, bsz)) in enumerate(zip(regions, regions[1:], strict=False)):
+    for n, ((a, asz), (b, bsz)) in enumerate(itertools.pairwise(regions)):
         hole, hole_end = a + asz, b
         mid = hole + (hole_end - hole) // 2
         cases += [
@@ -301,7 +302,7 @@ def sized_cases(layout: Layout, n: int) -> list[Case]:
             cases.append(Case(f"r{i}_straddling_end", end - n + 1, n, False))
         if gpa > 0:
             cases.append(Case(f"r{i}_straddling_start", gpa - 1, n, False))
-    for i, ((a, asz), (b, _)) in enumerate(zip(regions, regions[1:], strict=False)):
+    for i, ((a, asz), (b, _)) in enumerate(itertools.pairwise(regions)):
         cases.append(Case(f"hole{i}_middle", a + asz + (b - a - asz) // 2, n, False))
     return cases
 
@@ -487,6 +488,7 @@ def test_adjacent_regions_do_not_form_one_range(
         pytest.param([(PAGE_SIZE // 2, PAGE_SIZE)], id="half_page_gpa"),
         pytest.param([(0, PAGE_SIZE + 1)], id="unaligned_size"),
         pytest.param([(0, 0)], id="zero_size"),
+        pytest.param([(0, 0), (PAGE_SIZE, PAGE_SIZE)], id="zero_size_beside_another"),
         pytest.param([(0, -PAGE_SIZE)], id="negative_size"),
         pytest.param([(-PAGE_SIZE, PAGE_SIZE)], id="negative_gpa"),
         pytest.param([(TOP - PAGE_SIZE, 2 * PAGE_SIZE)], id="past_2**64"),
