@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEBIAN_PACKAGES=(
-    python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev binutils
+    # build and run: Python, the C compiler for the cffi extension, GNU as/ld for guest programs
+    python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libffi-dev binutils util-linux
+    # the lab and stock guests: QEMU (TCG) for the lab, Debian's kernel and modules for both
+    # the lab and nested guests, busybox and cpio for their initramfs
+    qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio kmod
 )
 
 missing=()

@@ -276,6 +276,53 @@ struct kvm_run {
     ...;
 };
 
+/* ---- the Linux x86 boot protocol, from <asm/bootparam.h> ---- */
+#define E820_MAX_ENTRIES_ZEROPAGE ...
+#define XLF_KERNEL_64 ...
+#define XLF_CAN_BE_LOADED_ABOVE_4G ...
+#define LOADED_HIGH ...
+#define CAN_USE_HEAP ...
+#define KEEP_SEGMENTS ...
+
+struct boot_e820_entry {
+    uint64_t addr;
+    uint64_t size;
+    uint32_t type;
+    ...;
+};
+
+struct setup_header {
+    uint8_t setup_sects;
+    uint16_t root_flags;
+    uint32_t syssize;
+    uint16_t vid_mode;
+    uint16_t boot_flag;
+    uint32_t header;
+    uint16_t version;
+    uint8_t type_of_loader;
+    uint8_t loadflags;
+    uint32_t code32_start;
+    uint32_t ramdisk_image;
+    uint32_t ramdisk_size;
+    uint16_t heap_end_ptr;
+    uint32_t cmd_line_ptr;
+    uint32_t initrd_addr_max;
+    uint32_t kernel_alignment;
+    uint8_t relocatable_kernel;
+    uint16_t xloadflags;
+    uint32_t cmdline_size;
+    uint64_t pref_address;
+    uint32_t init_size;
+    ...;
+};
+
+struct boot_params {
+    uint8_t e820_entries;
+    struct setup_header hdr;
+    struct boot_e820_entry e820_table[128];
+    ...;
+};
+
 /* Pointers to the payload union of a kvm_run (typed views, offsets from the compiler). */
 struct kvm_run_io *iovirt_run_io(struct kvm_run *run);
 struct kvm_run_mmio *iovirt_run_mmio(struct kvm_run *run);
@@ -297,7 +344,10 @@ SOURCE = r"""
 #include <stddef.h>
 #include <sys/mman.h>
 #include <linux/kvm.h>
+#include <asm/bootparam.h>
 #include "native.h"
+
+_Static_assert(E820_MAX_ENTRIES_ZEROPAGE == 128, "e820_table size");
 
 struct kvm_run_io { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; };
 struct kvm_run_mmio { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; };

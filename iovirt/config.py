@@ -43,7 +43,10 @@ class VmSection(_Strict):
     """``[vm]``: the machine itself."""
 
     memory: int = 256 << 20
-    vcpus: Annotated[int, Field(ge=1, le=255)] = 1
+    vcpus: Annotated[int, Field(ge=1, le=254)] = 1
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = "console=ttyS0"
     firmware: Path | None = None
     debug_exit: bool = False
 
@@ -150,7 +153,17 @@ def load_config(path: str | Path) -> VmConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"not valid TOML: {e}") from e
     config = parse_config(data)
-    fw = config.vm.firmware
-    if fw is not None and not fw.is_file():
-        raise ConfigError("vm.firmware", f"{fw}: no such file")
+    vm = config.vm
+    if (vm.kernel is None) == (vm.firmware is None):
+        raise ConfigError("vm.kernel", "give exactly one of vm.kernel (Linux) or vm.firmware")
+    if vm.initrd is not None and vm.kernel is None:
+        raise ConfigError("vm.initrd", "an initrd needs vm.kernel")
+    files: dict[str, Path | None] = {
+        "kernel": vm.kernel,
+        "initrd": vm.initrd,
+        "firmware": vm.firmware,
+    }
+    for key, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"vm.{key}", f"{path}: no such file")
     return config

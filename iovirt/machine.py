@@ -7,6 +7,8 @@ and backends know nothing of the config; only this module does.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from iovirt.backends.char import (
     CharBackend,
     FileBackend,
@@ -14,8 +16,13 @@ from iovirt.backends.char import (
     StdioBackend,
     UnixSocketBackend,
 )
+from iovirt.boot import layout
+from iovirt.boot.linux import load_linux, parse_bzimage
+from iovirt.boot.mptable import build_mptable
+from iovirt.bus.pci import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
 from iovirt.config import CharBackendConfig, FileChar, PtyChar, SocketChar, StdioChar, VmConfig
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.serial import Serial16550A
 from iovirt.errors import ConfigError
 from iovirt.vm import Vm, VmExitReason
@@ -23,6 +30,17 @@ from iovirt.vm import Vm, VmExitReason
 COM1_PORT = 0x3F8
 COM1_PORTS = 8
 COM1_IRQ = 4
+POST_PORT = 0x80  # firmware/kernel "I/O delay" writes; claimed so they are not logged
+
+
+class _Sink:
+    """A port that ignores writes and reads as zero (port 0x80, the POST/delay port)."""
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
 
 
 class _TeeOutput:
@@ -70,15 +88,38 @@ def build_vm(config: VmConfig) -> Vm:
         if config.vm.debug_exit:
             debug_exit = DebugExit(lambda code: vm.stop(VmExitReason.GUEST_EXIT, code))
             vm.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, debug_exit, "debug-exit")
-        if config.vm.firmware is not None:
-            try:
-                image = config.vm.firmware.read_bytes()
-            except OSError as e:
-                raise ConfigError("vm.firmware", f"{config.vm.firmware}: {e.strerror}") from e
-            vm.load_firmware(image)
+        # The PC board every guest gets: PCI bus 0 behind 0xCF8, the i8042 reset line.
+        vm.pci = PciRoot()
+        vm.pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS, vm.pci, "pci-root")
+        i8042 = I8042(lambda: vm.stop(VmExitReason.RESET))
+        vm.pio.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, i8042, "i8042")
+        vm.pio.register(POST_PORT, 1, _Sink(), "post")
+        if config.vm.kernel is not None:
+            _load_kernel(vm, config)
+        elif config.vm.firmware is not None:
+            vm.load_firmware(_read("vm.firmware", config.vm.firmware))
         else:
-            raise ConfigError("vm.firmware", "nothing to boot: give a firmware image")
+            raise ConfigError("vm.kernel", "nothing to boot: give vm.kernel or vm.firmware")
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def _read(key: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"{path}: {e.strerror}") from e
+
+
+def _load_kernel(vm: Vm, config: VmConfig) -> None:
+    """Linux direct boot: bzImage, initrd, command line, MP table."""
+    assert config.vm.kernel is not None
+    kernel_path = str(config.vm.kernel)
+    image = parse_bzimage(kernel_path, _read("vm.kernel", config.vm.kernel))
+    initrd = None if config.vm.initrd is None else _read("vm.initrd", config.vm.initrd)
+    vm.memory.write(layout.EBDA_START, build_mptable(len(vm.vcpus)))
+    load_linux(
+        vm.memory, vm.vcpus[0], image, config.vm.cmdline, initrd, str(config.vm.initrd or "")
+    )

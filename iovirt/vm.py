@@ -33,6 +33,7 @@ from iovirt.memory import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:
     from iovirt.backends.char import CharBackend
+    from iovirt.bus.pci import PciRoot
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class Vm:
         self._threads: list[threading.Thread] = []
         self._halted = 0
         self.device_errors = 0
+        self.pci: PciRoot | None = None  # set by the board wiring when it adds PCI
 
     # -- building ---------------------------------------------------------------------------
 

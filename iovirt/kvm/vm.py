@@ -171,8 +171,8 @@ class KvmVm:
                 if pin < 16 and pin != 2:
                     chip = lib.KVM_IRQCHIP_PIC_MASTER if pin < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
                     irqchip_entries.append((pin, chip, pin % 8))
-                # ISA IRQ0 reaches IOAPIC pin 2 (the interrupt source override in MP/ACPI).
-                irqchip_entries.append((pin, lib.KVM_IRQCHIP_IOAPIC, 2 if pin == 0 else pin))
+                # GSI n -> IOAPIC pin n: KVM's own default table, which the MP table describes.
+                irqchip_entries.append((pin, lib.KVM_IRQCHIP_IOAPIC, pin))
         n = len(irqchip_entries) + len(self._msi_routes)
         size = ffi.sizeof("struct kvm_irq_routing") + n * ffi.sizeof("struct kvm_irq_routing_entry")
         raw = ffi.new("char[]", size)
