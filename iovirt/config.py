@@ -163,7 +163,7 @@ def load_config(path: str | Path) -> VmConfig:
         "initrd": vm.initrd,
         "firmware": vm.firmware,
     }
-    for key, path in files.items():
-        if path is not None and not path.is_file():
-            raise ConfigError(f"vm.{key}", f"{path}: no such file")
+    for key, file in files.items():
+        if file is not None and not file.is_file():
+            raise ConfigError(f"vm.{key}", f"{file}: no such file")
     return config
