@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from iovirt.errors import ConfigError
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -27,11 +27,13 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512M or 2G")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative; a size is a positive number of bytes")
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+            return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]
     raise ValueError(f"{value!r} is not a size; write it like 512M or 2G")
 
 
@@ -146,6 +148,8 @@ def load_config(path: str | Path) -> VmConfig:
         text = p.read_text()
     except FileNotFoundError as e:
         raise ConfigError(str(p), "no such config file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), "not valid TOML: the file is not UTF-8 text") from e
     except OSError as e:
         raise ConfigError(str(p), f"cannot read: {e.strerror}") from e
     try:

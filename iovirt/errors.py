@@ -20,13 +20,19 @@ class UserError(IovirtError):
     """
 
 
+def one_line(text: str) -> str:
+    """``text`` with newlines and other control characters escaped, so that a message
+    that quotes user input (a path, a key) still prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(UserError):
     """The VM config is invalid: ``key`` names the offending setting."""
 
     def __init__(self, key: str, problem: str) -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"config: {key}: {problem}")
+        super().__init__(one_line(f"config: {key}: {problem}"))
 
 
 class ResourceError(UserError):

@@ -70,6 +70,21 @@ class LinuxImage:
     initrd_addr_max: int
     cmdline_size: int
     xloadflags: int
+    pref_address: int
+    kernel_alignment: int
+
+    @property
+    def runtime_start(self) -> int:
+        """Where the kernel runs after decompressing itself; ``init_size`` counts from
+        here, not from the load address (boot.rst, and kernel commit be4ca6c53e66)."""
+        align = self.kernel_alignment or 1
+        start = max(layout.KERNEL_LOAD_ADDR, self.pref_address)
+        return (start + align - 1) // align * align
+
+    @property
+    def end(self) -> int:
+        """First byte above everything the kernel occupies while it boots."""
+        return max(layout.KERNEL_LOAD_ADDR + len(self.kernel), self.runtime_start + self.init_size)
 
 
 def parse_bzimage(path: str, data: bytes) -> LinuxImage:
@@ -102,7 +117,27 @@ def parse_bzimage(path: str, data: bytes) -> LinuxImage:
         initrd_addr_max=int(hdr.initrd_addr_max),
         cmdline_size=int(hdr.cmdline_size),
         xloadflags=int(hdr.xloadflags),
+        pref_address=int(hdr.pref_address),
+        kernel_alignment=int(hdr.kernel_alignment),
     )
+
+
+KERNEL_VERSION_PTR = 0x20E  # setup header: kernel_version, an offset from 0x200
+
+
+def kernel_release(data: bytes) -> str | None:
+    """The release string a bzImage carries (``6.1.0-56-amd64``), or None if it has none.
+
+    Used to pick the matching /lib/modules/<release> when building a guest initramfs."""
+    if len(data) < KERNEL_VERSION_PTR + 2:
+        return None
+    ptr = int.from_bytes(data[KERNEL_VERSION_PTR : KERNEL_VERSION_PTR + 2], "little")
+    if ptr == 0:
+        return None
+    start = ptr + 0x200
+    text = data[start : start + 256].split(b"\0", 1)[0]
+    release = text.split(b" ", 1)[0].decode("ascii", "replace")
+    return release or None
 
 
 def e820_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
@@ -131,7 +166,7 @@ def load_linux(
 ) -> None:
     """Put the kernel, command line, initrd and zero page into RAM and set up the BSP."""
     low_ram = memory.regions[0].size
-    kernel_end = layout.KERNEL_LOAD_ADDR + max(len(image.kernel), image.init_size)
+    kernel_end = image.end
     if kernel_end > low_ram:
         need = (kernel_end + (1 << 20) - 1) >> 20
         raise UserError(

@@ -119,7 +119,10 @@ class PciRoot:
     def add(self, device: PciDevice, slot: int | None = None, function: int = 0) -> int:
         """Put ``device`` in ``slot`` (the first free one if None); returns the devfn."""
         if slot is None:
-            slot = next(s for s in range(1, 32) if (s << 3 | function) not in self.functions)
+            free = (s for s in range(1, 32) if (s << 3 | function) not in self.functions)
+            slot = next(free, None)
+            if slot is None:
+                raise ValueError("no free PCI slot on bus 0")
         devfn = slot << 3 | function
         if not 0 <= slot < 32 or not 0 <= function < 8 or devfn in self.functions:
             raise ValueError(f"PCI slot {slot}.{function} is taken or invalid")

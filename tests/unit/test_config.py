@@ -1,0 +1,329 @@
+"""Tests of the VM config: sizes, schema validation, and the one-line ConfigError messages.
+
+Every rejected config must raise :class:`ConfigError` whose ``key`` is the dotted key the
+user wrote (``vm.memory``, ``serial.backend.path``) and whose message is ``config: KEY:
+PROBLEM`` on a single line, because the CLI prints it as is. ``parse_config`` is fed decoded
+TOML documents; ``load_config`` real files under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iovirt.config import VmConfig, load_config, parse_config, parse_size
+from iovirt.errors import ConfigError, UserError
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text and "\r" not in text, repr(text)
+    return text
+
+
+# -- parse_size -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("512M", 512 * MiB),
+        ("2G", 2 * GiB),
+        ("1k", KiB),
+        ("1K", KiB),
+        ("4096", 4096),
+        (4096, 4096),
+        ("1T", 1 << 40),
+        ("512MiB", 512 * MiB),
+        ("512MB", 512 * MiB),  # binary units, as QEMU reads -m
+        (" 8 M ", 8 * MiB),
+        ("0", 0),
+    ],
+)
+def test_parse_size_accepts(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["12Q", "", " ", "M", "1.5G", "-1M", "0x1000", "512 M B", True, False, None, 1.5, [512]],
+)
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_size(value)
+    one_line(exc.value)
+
+
+def test_parse_size_rejects_a_negative_integer() -> None:
+    # "-1M" is refused by the pattern; the integer -1 must be too: no size is negative.
+    with pytest.raises(ValueError):
+        parse_size(-1)
+
+
+# -- parse_config: a valid document -----------------------------------------------------------
+
+
+def test_empty_document_gives_the_defaults() -> None:
+    config = parse_config({})
+    assert config == VmConfig()
+    assert config.vm.memory == 256 * MiB
+    assert config.vm.vcpus == 1
+    assert config.serial.backend.kind == "stdio"
+
+
+def test_full_document_is_parsed() -> None:
+    config = parse_config(
+        {
+            "vm": {
+                "memory": "512M",
+                "vcpus": 4,
+                "kernel": "/boot/vmlinuz",
+                "initrd": "initrd.img",
+                "cmdline": "console=ttyS0 quiet",
+                "debug_exit": True,
+            },
+            "serial": {"backend": {"kind": "file", "path": "out.log", "append": True}},
+        }
+    )
+    assert config.vm.memory == 512 * MiB
+    assert config.vm.vcpus == 4
+    assert config.vm.kernel == Path("/boot/vmlinuz")
+    assert config.vm.initrd == Path("initrd.img")
+    assert config.serial.backend.kind == "file"
+
+
+@pytest.mark.parametrize("vcpus", [1, 254])
+def test_vcpus_at_the_limits_are_accepted(vcpus: int) -> None:
+    assert parse_config({"vm": {"vcpus": vcpus}}).vm.vcpus == vcpus
+
+
+@pytest.mark.parametrize("memory", ["1M", 1 * MiB, "1028K", 4096 * 300])
+def test_smallest_aligned_memory_is_accepted(memory: object) -> None:
+    assert parse_config({"vm": {"memory": memory}}).vm.memory >= MiB
+
+
+# -- parse_config: every error names the dotted key -------------------------------------------
+
+REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
+    # (id, document, key, a fragment of the problem)
+    ("unknown top-level", {"vmm": {}}, "vmm", "unknown key"),
+    ("unknown in vm", {"vm": {"memroy": "1G"}}, "vm.memroy", "unknown key"),
+    ("unknown in serial", {"serial": {"bakend": {}}}, "serial.bakend", "unknown key"),
+    (
+        "unknown in backend",
+        {"serial": {"backend": {"kind": "file", "path": "x", "mode": "a"}}},
+        "serial.backend.mode",
+        "unknown key",
+    ),
+    ("vm not a table", {"vm": 5}, "vm", "dictionary"),
+    ("serial not a table", {"serial": "stdio"}, "serial", "dictionary"),
+    ("vcpus a word", {"vm": {"vcpus": "two"}}, "vm.vcpus", "integer"),
+    ("vcpus fractional", {"vm": {"vcpus": 2.5}}, "vm.vcpus", "integer"),
+    ("cmdline not a string", {"vm": {"cmdline": 5}}, "vm.cmdline", "string"),
+    ("kernel not a path", {"vm": {"kernel": 5}}, "vm.kernel", "path"),
+    ("debug_exit not a bool", {"vm": {"debug_exit": "maybe"}}, "vm.debug_exit", "boolean"),
+    (
+        "backend input not a bool",
+        {"serial": {"backend": {"kind": "stdio", "input": "maybe"}}},
+        "serial.backend.input",
+        "boolean",
+    ),
+    ("backend not a table", {"serial": {"backend": "stdio"}}, "serial.backend", "dictionary"),
+    ("vcpus 0", {"vm": {"vcpus": 0}}, "vm.vcpus", "greater than or equal to 1"),
+    ("vcpus negative", {"vm": {"vcpus": -3}}, "vm.vcpus", "greater than or equal to 1"),
+    ("vcpus 255", {"vm": {"vcpus": 255}}, "vm.vcpus", "less than or equal to 254"),
+    ("memory too small", {"vm": {"memory": "512K"}}, "vm.memory", "too little"),
+    ("memory zero", {"vm": {"memory": 0}}, "vm.memory", "too little"),
+    ("memory unaligned", {"vm": {"memory": MiB + 1}}, "vm.memory", "multiple of 4K"),
+    ("memory unaligned str", {"vm": {"memory": "1025K"}}, "vm.memory", "multiple of 4K"),
+    ("memory bad unit", {"vm": {"memory": "12Q"}}, "vm.memory", "not a size"),
+    ("memory bool", {"vm": {"memory": True}}, "vm.memory", "size"),
+    ("memory float", {"vm": {"memory": 1.5}}, "vm.memory", "not a size"),
+    ("missing kind", {"serial": {"backend": {"path": "x"}}}, "serial.backend", "'kind'"),
+    ("unknown kind", {"serial": {"backend": {"kind": "tcp"}}}, "serial.backend", "'tcp'"),
+    ("kind not a string", {"serial": {"backend": {"kind": 5}}}, "serial.backend", "kind"),
+    (
+        "file without path",
+        {"serial": {"backend": {"kind": "file"}}},
+        "serial.backend.path",
+        "missing",
+    ),
+    (
+        "socket without path",
+        {"serial": {"backend": {"kind": "socket"}}},
+        "serial.backend.path",
+        "missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "fragment"), [r[1:] for r in REJECTED], ids=[r[0] for r in REJECTED]
+)
+def test_config_error_names_the_dotted_key(
+    document: dict[str, Any], key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(document)
+    err = exc.value
+    assert err.key == key
+    text = one_line(err)
+    assert text.startswith(f"config: {key}: ")
+    assert fragment in err.problem
+    assert "Value error" not in text  # pydantic's prefix is stripped
+    assert err.__cause__ is not None  # chained to the validation error
+
+
+def test_unknown_kind_lists_the_known_kinds() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"serial": {"backend": {"kind": "tcp"}}})
+    for kind in ("stdio", "file", "socket", "pty", "null"):
+        assert kind in exc.value.problem
+
+
+def test_config_error_is_a_user_error() -> None:
+    with pytest.raises(UserError):
+        parse_config({"vmm": {}})
+
+
+# -- load_config ------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str, name: str = "vm.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(b"kernel")
+    return path
+
+
+@pytest.fixture
+def initrd(tmp_path: Path) -> Path:
+    path = tmp_path / "initrd.img"
+    path.write_bytes(b"initrd")
+    return path
+
+
+def load_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    one_line(exc.value)
+    return exc.value
+
+
+def test_load_valid_config(tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    cfg = write(
+        tmp_path,
+        f'[vm]\nmemory = "64M"\nvcpus = 2\nkernel = "{kernel}"\ninitrd = "{initrd}"\n'
+        '[serial]\nbackend = { kind = "null" }\n',
+    )
+    config = load_config(cfg)
+    assert config.vm.memory == 64 * MiB
+    assert config.vm.kernel == kernel
+    assert config.serial.backend.kind == "null"
+
+
+def test_load_relative_paths_are_taken_from_the_current_directory(
+    tmp_path: Path, kernel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, '[vm]\nkernel = "vmlinuz"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config("vm.toml").vm.kernel == Path("vmlinuz")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    err = load_error(path)
+    assert err.key == str(path)
+    assert "no such config file" in str(err)
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    err = load_error(tmp_path)  # a directory
+    assert err.key == str(tmp_path)
+    assert "cannot read" in str(err)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['[vm\nmemory = "1G"\n', "[vm]\nmemory = 512M\n", '[vm]\nkernel = "a\nb"\n', "= 1\n"],
+)
+def test_invalid_toml(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    err = load_error(path)
+    assert err.key == str(path)
+    assert "not valid TOML" in str(err)
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    # TOML is UTF-8; a Latin-1 file (or a binary picked by mistake) is a user mistake like any
+    # other invalid TOML, not a UnicodeDecodeError traceback.
+    path = tmp_path / "vm.toml"
+    path.write_bytes('[vm]\ncmdline = "café"\n'.encode("latin-1"))
+    err = load_error(path)
+    assert err.key == str(path)
+
+
+def test_both_kernel_and_firmware(tmp_path: Path, kernel: Path) -> None:
+    cfg = write(tmp_path, f'[vm]\nkernel = "{kernel}"\nfirmware = "{kernel}"\n')
+    err = load_error(cfg)
+    assert err.key == "vm.kernel"
+    assert "exactly one" in err.problem
+
+
+def test_neither_kernel_nor_firmware(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, '[vm]\nmemory = "64M"\n'))
+    assert err.key == "vm.kernel"
+    assert "exactly one" in err.problem
+
+
+def test_initrd_without_kernel(tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    cfg = write(tmp_path, f'[vm]\nfirmware = "{kernel}"\ninitrd = "{initrd}"\n')
+    err = load_error(cfg)
+    assert err.key == "vm.initrd"
+    assert "vm.kernel" in err.problem
+
+
+@pytest.mark.parametrize("key", ["kernel", "initrd", "firmware"])
+def test_nonexistent_file(tmp_path: Path, kernel: Path, key: str) -> None:
+    missing = tmp_path / f"no-{key}"
+    lines = {"kernel": f'kernel = "{kernel}"', key: f'{key} = "{missing}"'}
+    if key == "firmware":
+        del lines["kernel"]
+    err = load_error(write(tmp_path, "[vm]\n" + "\n".join(lines.values()) + "\n"))
+    assert err.key == f"vm.{key}"
+    assert str(err) == f"config: vm.{key}: {missing}: no such file"
+
+
+def test_directory_where_a_kernel_file_is_expected(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, f'[vm]\nkernel = "{tmp_path}"\n'))
+    assert err.key == "vm.kernel"
+
+
+def test_schema_errors_from_a_file_name_the_dotted_key(tmp_path: Path) -> None:
+    err = load_error(write(tmp_path, '[serial]\nbackend = { kind = "socket" }\n'))
+    assert err.key == "serial.backend.path"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[vm]\nkernel = "/no/such\\nvmlinuz"\n',  # a TOML escape: the path holds a newline
+        '"bad\\nkey" = 1\n',  # a quoted key with a newline in it
+    ],
+)
+def test_messages_stay_on_one_line_when_the_config_holds_a_newline(
+    tmp_path: Path, text: str
+) -> None:
+    load_error(write(tmp_path, text))
