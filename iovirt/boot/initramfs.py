@@ -13,7 +13,6 @@ entry has uid/gid 0 and mtime 0 unless told otherwise).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import lzma
 import re
 import shlex
@@ -113,7 +112,9 @@ class Initramfs:
             data = host.read_bytes()
             host_mode = host.stat().st_mode
         except OSError as exc:
-            raise ResourceError(str(host), f"cannot read for the initramfs: {exc.strerror}") from exc
+            raise ResourceError(
+                str(host), f"cannot read for the initramfs: {exc.strerror}"
+            ) from exc
         self.add_file(path, data, host_mode & 0o7777 if mode is None else mode)
 
     def add_modules(
@@ -372,7 +373,7 @@ def build_busybox_initramfs(
     makes PID 1 exit, which panics the kernel (pass ``panic=-1`` so that reboots).
     """
     image = Initramfs()
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "etc"):
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "etc"):
         image.add_dir(d)
     image.add_dir("tmp", 0o1777)
     image.add_host_file("bin/busybox", busybox, 0o755)
@@ -455,13 +456,3 @@ def parse_guest_test_output(console: str) -> tuple[int | None, str]:
             return int(match.group(1)), "".join(f"{b}\n" for b in body)
         body.append(line)
     return None, "\n".join(body)
-
-
-def digest(*parts: bytes | str) -> str:
-    """A short stable hash of build inputs, for cache file names."""
-    h = hashlib.sha256()
-    for part in parts:
-        raw = part.encode() if isinstance(part, str) else part
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-    return h.hexdigest()[:16]
