@@ -23,6 +23,7 @@ from iovirt.bus.pci import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
 from iovirt.config import CharBackendConfig, FileChar, PtyChar, SocketChar, StdioChar, VmConfig
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
+from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
 from iovirt.errors import ConfigError
 from iovirt.vm import Vm, VmExitReason
@@ -30,6 +31,7 @@ from iovirt.vm import Vm, VmExitReason
 COM1_PORT = 0x3F8
 COM1_PORTS = 8
 COM1_IRQ = 4
+I8042_IRQ = 1
 POST_PORT = 0x80  # firmware/kernel "I/O delay" writes; claimed so they are not logged
 
 
@@ -91,9 +93,10 @@ def build_vm(config: VmConfig) -> Vm:
         # The PC board every guest gets: PCI bus 0 behind 0xCF8, the i8042 reset line.
         vm.pci = PciRoot()
         vm.pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS, vm.pci, "pci-root")
-        i8042 = I8042(lambda: vm.stop(VmExitReason.RESET))
+        i8042 = I8042(lambda: vm.stop(VmExitReason.RESET), vm.irq(I8042_IRQ))
         vm.pio.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, i8042, "i8042")
         vm.pio.register(POST_PORT, 1, _Sink(), "post")
+        vm.pio.register(RTC_INDEX_PORT, RTC_PORTS, CmosRtc(), "rtc")
         if config.vm.kernel is not None:
             _load_kernel(vm, config)
         elif config.vm.firmware is not None:

@@ -43,6 +43,9 @@ def install_kick_handler() -> None:
 # CPUID leaves that carry the APIC ID, which must be the vCPU's index.
 _CPUID_FEATURES = 0x1
 _CPUID_EXT_TOPOLOGY = (0xB, 0x1F)
+# CPUID.1:ECX bit 31: "running under a hypervisor". KVM leaves it to userspace; without it
+# Linux never looks at KVM's leaves at 0x40000000 and so never finds kvm-clock.
+_CPUID_1_ECX_HYPERVISOR = 1 << 31
 
 
 class KvmVcpu:
@@ -126,6 +129,7 @@ class KvmVcpu:
             e = table[i]
             if e.function == _CPUID_FEATURES:
                 e.ebx = (e.ebx & 0x00FF_FFFF) | (self.index << 24)
+                e.ecx |= _CPUID_1_ECX_HYPERVISOR
             elif e.function in _CPUID_EXT_TOPOLOGY:
                 e.edx = self.index
         ioctl_ptr(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")

@@ -21,11 +21,14 @@ from iovirt.devices.i8042 import (
     I8042,
     I8042_COMMAND_PORT,
     I8042_DATA_PORT,
+    KBD_RESEND,
     PORT_TEST_NO_DEVICE,
     SELF_TEST_OK,
+    STATUS_KEYLOCK,
     STATUS_OBF,
     STATUS_SYS,
 )
+from iovirt.interrupt import RecordingInterrupt
 
 DATA = 0
 STATUS = COMMAND = I8042_COMMAND_PORT - I8042_DATA_PORT  # 4
@@ -61,16 +64,17 @@ def c() -> Controller:
 
 def test_status_has_sys_flag_and_no_obf_when_idle(c: Controller) -> None:
     assert STATUS == 4
-    assert c.status() == STATUS_SYS
+    assert c.status() == STATUS_SYS | STATUS_KEYLOCK
     assert c.status() & STATUS_OBF == 0
 
 
 def test_status_sets_obf_only_while_a_byte_waits(c: Controller) -> None:
     c.command(CMD_SELF_TEST)
-    assert c.status() == STATUS_SYS | STATUS_OBF
-    assert c.status() == STATUS_SYS | STATUS_OBF  # reading status does not consume the byte
+    assert c.status() == STATUS_SYS | STATUS_KEYLOCK | STATUS_OBF
+    # reading status does not consume the byte
+    assert c.status() == STATUS_SYS | STATUS_KEYLOCK | STATUS_OBF
     c.read_data()
-    assert c.status() == STATUS_SYS
+    assert c.status() == STATUS_SYS | STATUS_KEYLOCK
 
 
 def test_self_test_answers_0x55_at_the_data_port(c: Controller) -> None:
@@ -90,8 +94,10 @@ def test_write_ctr_then_data_changes_the_ctr(c: Controller) -> None:
     c.write_data(0x47)
     c.command(CMD_READ_CTR)
     assert c.read_data() == 0x47
-    # Only the byte right after 0x60 is the CTR; a later data write is not.
+    # Only the byte right after 0x60 is the CTR; a later data write goes to the
+    # (absent) keyboard, which answers RESEND.
     c.write_data(0x00)
+    assert c.read_data() == KBD_RESEND
     c.command(CMD_READ_CTR)
     assert c.read_data() == 0x47
 
@@ -101,6 +107,7 @@ def test_command_between_write_ctr_and_its_data_cancels_the_write(c: Controller)
     c.command(CMD_SELF_TEST)
     assert c.read_data() == SELF_TEST_OK
     c.write_data(0x00)
+    assert c.read_data() == KBD_RESEND
     c.command(CMD_READ_CTR)
     assert c.read_data() == CTR_DEFAULT
 
@@ -161,3 +168,18 @@ def test_offsets_between_data_and_status_read_0xff(c: Controller, offset: int) -
     c.command(CMD_SELF_TEST)
     assert c.dev.read(offset, 1) == 0xFF  # and do not consume the waiting byte
     assert c.read_data() == SELF_TEST_OK
+
+
+def test_keyboard_byte_is_answered_with_resend_on_irq1_when_enabled() -> None:
+    irq = RecordingInterrupt()
+    dev = I8042(lambda: None, irq)
+    dev.write(0, 1, 0xF2)  # GET ID to the keyboard; interrupts still off in the CTR
+    assert not irq.level
+    assert dev.read(0, 1) == KBD_RESEND
+    dev.write(4, 1, CMD_WRITE_CTR)
+    dev.write(0, 1, CTR_DEFAULT | 0x01)  # keyboard interrupt on
+    dev.write(0, 1, 0xF2)
+    assert irq.level
+    assert dev.read(0, 1) == KBD_RESEND
+    assert not irq.level  # the output buffer is empty again
+    assert irq.transitions == [True, False]
