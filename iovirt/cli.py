@@ -8,24 +8,100 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from iovirt import __version__
-from iovirt.config import load_config
-from iovirt.errors import IovirtError, UserError
-from iovirt.machine import build_vm
+from iovirt.config import VmConfig, load_config
+from iovirt.errors import ConfigError, IovirtError, UserError
+from iovirt.kvm.system import kvm_flavour
+from iovirt.machine import build_vm, check_boot_files
 
+# How long `iovirt run` lets a lab run without --timeout: a stock guest that boots and
+# ends takes about a minute there; one that waits for input would hang CI forever.
+LAB_DEFAULT_TIMEOUT = 1800.0
 log = logging.getLogger("iovirt")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    load_config(args.config)
+    check_boot_files(load_config(args.config))
     print(f"{args.config}: ok")
     return 0
 
 
+# Paths the lab does not share with the host (it mounts its own tmpfs or kernel fs there).
+_LAB_PRIVATE = ("/tmp", "/run", "/dev", "/proc", "/sys")
+
+
+def lab_reason(config: VmConfig) -> str | None:
+    """Why this host's KVM cannot run ``config`` directly, or None if it can."""
+    if config.vm.kernel is None:
+        return None  # firmware and small guest programs run on any KVM, PVM included
+    flavour = kvm_flavour()
+    if flavour == "pvm":
+        return "this host's KVM is PVM, which cannot boot a stock Linux kernel"
+    if flavour == "none":
+        return "this host has no hardware KVM (no kvm_intel or kvm_amd)"
+    return None
+
+
+def _check_lab_paths(config_path: str, config: VmConfig) -> None:
+    files = {
+        "config": Path(config_path),
+        "vm.kernel": config.vm.kernel,
+        "vm.initrd": config.vm.initrd,
+        "serial.log": config.serial.log,
+    }
+    for key, path in files.items():
+        if path is None:
+            continue
+        absolute = Path(os.path.abspath(path))
+        for private in _LAB_PRIVATE:
+            if absolute.is_relative_to(private):
+                raise ConfigError(
+                    key,
+                    f"{path} is under {private}, which the lab does not "
+                    "share with the host; put it in another folder",
+                )
+
+
+def _run_in_lab(args: argparse.Namespace, reason: str, config: VmConfig) -> int:
+    from iovirt.lab import Lab, LabError
+
+    _check_lab_paths(args.config, config)
+    print(
+        f"iovirt: {reason}; running the guest nested in an emulated lab (slower)",
+        file=sys.stderr,
+        flush=True,
+    )
+    inner = [sys.executable, "-m", "iovirt.cli", *(["-v"] * args.verbose), "run", "--no-lab"]
+    if args.timeout is not None:
+        inner += ["--timeout", str(args.timeout)]
+    inner.append(os.path.abspath(args.config))
+    # The lab's own boot and Python start-up come on top of the guest's time.
+    lab_timeout = LAB_DEFAULT_TIMEOUT if args.timeout is None else args.timeout + 120
+    try:
+        result = Lab().run(inner, cwd=os.getcwd(), timeout=lab_timeout)
+    except LabError as e:
+        log.debug("lab console:\n%s", e.console)
+        raise IovirtError(f"lab: {e.problem} (run with -vv for the lab console)") from e
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_boot_files(config)
+    reason = lab_reason(config)
+    if args.lab or reason is not None:
+        if args.no_lab:
+            raise UserError(
+                f"{reason}; drop --no-lab to run the guest nested in the lab, "
+                "or use a host with VT-x/AMD-V"
+            )
+        return _run_in_lab(args, reason or "--lab given", config)
     with build_vm(config) as vm:
         result = vm.run(timeout=args.timeout)
     if result.error is not None:
@@ -52,6 +128,17 @@ def make_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="stop the guest after this many seconds (exit status 1)",
+    )
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "--lab",
+        action="store_true",
+        help="run nested in the emulated lab even if this host's KVM could run the guest",
+    )
+    where.add_argument(
+        "--no-lab",
+        action="store_true",
+        help="never fall back to the lab; fail if this host's KVM cannot boot the guest",
     )
     run.set_defaults(func=_cmd_run)
 

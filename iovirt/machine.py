@@ -17,7 +17,7 @@ from iovirt.backends.char import (
     UnixSocketBackend,
 )
 from iovirt.boot import layout
-from iovirt.boot.linux import load_linux, parse_bzimage
+from iovirt.boot.linux import load_linux, parse_bzimage, plan_linux
 from iovirt.boot.mptable import build_mptable
 from iovirt.bus.pci import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
 from iovirt.config import CharBackendConfig, FileChar, PtyChar, SocketChar, StdioChar, VmConfig
@@ -26,7 +26,7 @@ from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
 from iovirt.errors import ConfigError
-from iovirt.vm import Vm, VmExitReason
+from iovirt.vm import Vm, VmExitReason, ram_layout
 
 COM1_PORT = 0x3F8
 COM1_PORTS = 8
@@ -114,6 +114,28 @@ def _read(key: str, path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise ConfigError(key, f"{path}: {e.strerror}") from e
+
+
+def check_boot_files(config: VmConfig) -> None:
+    """Everything about the kernel and initrd that can be checked without a VM: that the
+    kernel is a bzImage iovirt boots, and that it, its command line and the initrd fit in
+    vm.memory. Runs before the lab is started, so such mistakes never cost a lab boot."""
+    if config.vm.kernel is None:
+        return
+    image = parse_bzimage(str(config.vm.kernel), _read("vm.kernel", config.vm.kernel))
+    initrd_size = None
+    if config.vm.initrd is not None:
+        try:
+            initrd_size = config.vm.initrd.stat().st_size
+        except OSError as e:
+            raise ConfigError("vm.initrd", f"{config.vm.initrd}: {e.strerror}") from e
+    plan_linux(
+        image,
+        ram_layout(config.vm.memory)[0][1],
+        config.vm.cmdline,
+        initrd_size,
+        str(config.vm.initrd or ""),
+    )
 
 
 def _load_kernel(vm: Vm, config: VmConfig) -> None:

@@ -165,21 +165,11 @@ def load_linux(
     initrd_path: str = "initrd",
 ) -> None:
     """Put the kernel, command line, initrd and zero page into RAM and set up the BSP."""
-    low_ram = memory.regions[0].size
-    kernel_end = image.end
-    if kernel_end > low_ram:
-        need = (kernel_end + (1 << 20) - 1) >> 20
-        raise UserError(
-            f"vm.memory: too little memory for {image.path}: the kernel alone needs "
-            f"{need} MiB below 3 GiB; give more memory"
-        )
+    initrd_addr = plan_linux(
+        image, memory.regions[0].size, cmdline, None if initrd is None else len(initrd), initrd_path
+    )
     memory.write(layout.KERNEL_LOAD_ADDR, image.kernel)
-
-    cmd = cmdline.encode() + b"\0"
-    limit = min(image.cmdline_size + 1, layout.CMDLINE_MAX)
-    if len(cmd) > limit:
-        raise UserError(f"vm.cmdline: {len(cmd) - 1} bytes; this kernel takes at most {limit - 1}")
-    memory.write(layout.CMDLINE_ADDR, cmd)
+    memory.write(layout.CMDLINE_ADDR, cmdline.encode() + b"\0")
 
     params = ffi.new("struct boot_params *")
     # The zero page starts as the image's own setup header (boot.rst: copy it).
@@ -195,10 +185,9 @@ def load_linux(
     hdr.cmd_line_ptr = layout.CMDLINE_ADDR
     hdr.code32_start = layout.KERNEL_LOAD_ADDR
 
-    if initrd is not None:
-        addr = _initrd_address(memory, image, kernel_end, len(initrd), initrd_path)
-        memory.write(addr, initrd)
-        hdr.ramdisk_image = addr
+    if initrd is not None and initrd_addr is not None:
+        memory.write(initrd_addr, initrd)
+        hdr.ramdisk_image = initrd_addr
         hdr.ramdisk_size = len(initrd)
 
     e820 = e820_map(memory)
@@ -214,16 +203,38 @@ def load_linux(
     _enter_long_mode(vcpu, layout.KERNEL_LOAD_ADDR + ENTRY_64_OFFSET)
 
 
-def _initrd_address(
-    memory: GuestMemory, image: LinuxImage, kernel_end: int, size: int, path: str
-) -> int:
-    """As high as allowed in low RAM, page-aligned, above the kernel (like QEMU does)."""
-    top = min(memory.regions[0].size, image.initrd_addr_max + 1)
-    addr = (top - size) & ~0xFFF
+def plan_linux(
+    image: LinuxImage,
+    low_ram: int,
+    cmdline: str,
+    initrd_size: int | None,
+    initrd_path: str = "initrd",
+) -> int | None:
+    """Check that kernel, command line and initrd fit a guest with ``low_ram`` bytes below
+    the PCI hole, without touching any memory; returns where the initrd goes (or None).
+
+    The initrd goes as high as allowed in low RAM, page-aligned, above everything the
+    kernel occupies while it boots (like QEMU places it)."""
+    kernel_end = image.end
+    if kernel_end > low_ram:
+        need = (kernel_end + (1 << 20) - 1) >> 20
+        raise UserError(
+            f"vm.memory: too little memory for {image.path}: the kernel alone needs "
+            f"{need} MiB below 3 GiB; give more memory"
+        )
+    limit = min(image.cmdline_size + 1, layout.CMDLINE_MAX)
+    if len(cmdline.encode()) + 1 > limit:
+        raise UserError(
+            f"vm.cmdline: {len(cmdline.encode())} bytes; this kernel takes at most {limit - 1}"
+        )
+    if initrd_size is None:
+        return None
+    top = min(low_ram, image.initrd_addr_max + 1)
+    addr = (top - initrd_size) & ~0xFFF
     if addr < kernel_end:
         raise UserError(
-            f"vm.memory: too little memory for initrd {path} ({size >> 20} MiB) above the "
-            "kernel; give more memory"
+            f"vm.memory: too little memory for initrd {initrd_path} ({initrd_size >> 20} MiB) "
+            "above the kernel; give more memory"
         )
     return addr
 

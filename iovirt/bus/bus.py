@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from iovirt.errors import BusError
@@ -39,10 +39,10 @@ class BusRange:
     size: int
     device: BusDevice
     name: str
+    end: int = field(init=False)  # a field, not a property: it is read on every dispatch
 
-    @property
-    def end(self) -> int:
-        return self.base + self.size
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.base + self.size)
 
 
 # How many distinct unclaimed addresses get their own log line before we go quiet.

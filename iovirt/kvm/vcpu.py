@@ -70,6 +70,11 @@ class KvmVcpu:
         self.internal: Any = lib.iovirt_run_internal(self.run_struct)
         self.system_event: Any = lib.iovirt_run_system_event(self.run_struct)
         self.fail_entry: Any = lib.iovirt_run_fail_entry(self.run_struct)
+        # Byte offsets of the exit fields in the page, for struct-based reads on hot paths.
+        base = int(ffi.cast("uintptr_t", self.run_struct))
+        self.exit_reason_offset: int = ffi.offsetof("struct kvm_run", "exit_reason")
+        self.io_offset = int(ffi.cast("uintptr_t", self.io)) - base
+        self.mmio_offset = int(ffi.cast("uintptr_t", self.mmio)) - base
         self.thread_ident: int | None = None
 
     @property

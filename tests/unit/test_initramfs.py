@@ -354,7 +354,7 @@ def test_guest_test_initramfs_runs_script_with_sh_e(tmp_path: Path, fake_modules
     init = (tmp_path / "init").read_text()
     assert "timeout -s KILL 30 sh -e /iovirt-test.sh" in init
     assert init.index("IOVIRT-TEST-BEGIN") < init.index("IOVIRT-TEST-END rc=$rc")
-    assert "poweroff -f" in init.split("IOVIRT-TEST-END")[1]
+    assert "reboot -f" in init.split("IOVIRT-TEST-END")[1]
     # The script itself, run the way init runs it, stops at the first failure.
     busybox_sh = subprocess.run(
         ["/bin/busybox", "sh", "-e", str(tmp_path / "iovirt-test.sh")],
