@@ -34,7 +34,9 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # Fail here, not in the first test, if the C extension did not build.
 .venv/bin/python -c 'import iovirt._native'
-# The bundled example's firmware (examples/hello.toml boots it).
+# The bundled examples' guest images: a busybox initramfs for Debian's kernel
+# (examples/minimal.toml) and the real-mode firmware of examples/hello.toml.
 mkdir -p build
+.venv/bin/iovirt initramfs -o build/guest-initrd.img
 .venv/bin/python -m iovirt.testing.asm examples/hello.S build/hello-firmware.bin
 echo "install.sh: ready (.venv/bin/iovirt)"

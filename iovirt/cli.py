@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from iovirt import __version__
+from iovirt.boot.linux import kernel_release
 from iovirt.config import VmConfig, load_config
-from iovirt.errors import ConfigError, IovirtError, UserError
+from iovirt.errors import ConfigError, IovirtError, ResourceError, UserError
 from iovirt.kvm.system import kvm_flavour
 from iovirt.machine import build_vm, check_boot_files
 
@@ -113,6 +114,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
+def _cmd_initramfs(args: argparse.Namespace) -> int:
+    from iovirt.boot.initramfs import guest_test_initramfs
+
+    kver = args.kver
+    if kver is None:
+        kernel = Path(args.kernel)
+        try:
+            kver = kernel_release(kernel.read_bytes())
+        except OSError as e:
+            raise ResourceError(str(kernel), f"cannot read: {e.strerror}") from e
+        if kver is None:
+            raise UserError(f"{kernel}: no release string in the kernel; pass --kver")
+    if args.script is not None:
+        try:
+            script = Path(args.script).read_text()
+        except OSError as e:
+            raise ResourceError(args.script, f"cannot read: {e.strerror}") from e
+    else:
+        script = args.command or DEFAULT_GUEST_SCRIPT
+    image = guest_test_initramfs(kver, args.module, script, timeout=args.guest_timeout)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(image)
+    print(f"{out}: {len(image)} bytes, kernel {kver}, modules: {', '.join(args.module) or 'none'}")
+    return 0
+
+
+DEFAULT_GUEST_SCRIPT = """\
+echo "Hello from Linux $(uname -r) on iovirt"
+echo "cpus: $(grep -c ^processor /proc/cpuinfo)"
+echo "memory: $(grep MemTotal /proc/meminfo)"
+echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "pci: $(ls /sys/bus/pci/devices)"
+"""
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iovirt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"iovirt {__version__}")
@@ -141,6 +178,33 @@ def make_parser() -> argparse.ArgumentParser:
         help="never fall back to the lab; fail if this host's KVM cannot boot the guest",
     )
     run.set_defaults(func=_cmd_run)
+
+    image = sub.add_parser(
+        "initramfs",
+        help="build a busybox guest initramfs that runs a script and reboots",
+        description="Build an initramfs from Debian's busybox-static and kernel modules. Its "
+        "init runs a shell script between IOVIRT-TEST-BEGIN and IOVIRT-TEST-END rc=N lines on "
+        "the console, then reboots (boot it with reboot=k panic=-1).",
+    )
+    image.add_argument("-o", "--output", required=True, help="where to write the initramfs")
+    image.add_argument(
+        "--kernel", default="/vmlinuz", help="kernel whose modules to use (default /vmlinuz)"
+    )
+    image.add_argument("--kver", help="module release (default: read from --kernel)")
+    image.add_argument(
+        "-m",
+        "--module",
+        action="append",
+        default=[],
+        help="kernel module to load, with its dependencies (repeatable)",
+    )
+    what = image.add_mutually_exclusive_group()
+    what.add_argument("--script", help="shell script file to run in the guest")
+    what.add_argument("--command", help="shell text to run in the guest")
+    image.add_argument(
+        "--guest-timeout", type=int, default=None, help="kill the script after this many seconds"
+    )
+    image.set_defaults(func=_cmd_initramfs)
 
     check = sub.add_parser("check", help="validate a config file without running it")
     check.add_argument("config", help="TOML config file")
