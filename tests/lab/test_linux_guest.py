@@ -1,0 +1,106 @@
+"""A stock Linux guest (Debian's kernel, its own drivers) booted by our VMM in the lab.
+
+One boot serves every test here: ``iovirt run CONFIG`` is started on this host as a user
+would start it. On a PVM host it must say in one line that it falls back to the lab,
+then our VMM runs nested there and boots the kernel to our busybox init, which reports
+what the guest sees and reboots (``reboot=k``: the i8042 reset line ends the VM).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iovirt.boot.initramfs import guest_test_initramfs, parse_guest_test_output
+from iovirt.boot.linux import kernel_release
+from iovirt.kvm.system import kvm_flavour
+from iovirt.lab import Lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
+
+REPO = Path(__file__).resolve().parents[2]
+KERNEL = Path("/vmlinuz")
+CMDLINE = "console=ttyS0 panic=-1 reboot=k acpi=off iovirt.lab-test=1"
+
+GUEST_SCRIPT = """\
+echo "cmdline=$(cat /proc/cmdline)"
+echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+cd /sys/bus/pci/devices/0000:00:00.0
+echo "pci=$(cat vendor):$(cat device)"
+cd /
+echo "serial=$(cat /proc/tty/driver/serial | grep -c 'uart:16550A')"
+echo "rtc=$(cat /sys/class/rtc/rtc0/name)"
+echo "mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+"""
+
+
+@pytest.fixture(scope="module")
+def boot(lab: Lab) -> subprocess.CompletedProcess[str]:
+    # Files the lab must read live under build/ (the lab has its own /tmp).
+    work = REPO / "build" / "lab-tests"
+    work.mkdir(parents=True, exist_ok=True)
+    kver = kernel_release(KERNEL.read_bytes())
+    assert kver is not None
+    (work / "initrd.img").write_bytes(guest_test_initramfs(kver, [], GUEST_SCRIPT))
+    cfg = work / "vm.toml"
+    cfg.write_text(
+        "[vm]\n"
+        'memory = "256M"\n'
+        "vcpus = 2\n"
+        f'kernel = "{KERNEL}"\n'
+        f'initrd = "{work / "initrd.img"}"\n'
+        f'cmdline = "{CMDLINE}"\n'
+        "\n[serial]\n"
+        'backend = { kind = "stdio", input = false }\n'
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "iovirt.cli", "run", "--timeout", "600", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        check=False,
+    )
+
+
+def guest_report(boot: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    rc, output = parse_guest_test_output(boot.stdout)
+    assert rc == 0, boot.stdout[-3000:] + boot.stderr[-2000:]
+    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+
+def test_guest_boots_and_reboot_ends_the_vm_with_status_zero(
+    boot: subprocess.CompletedProcess[str],
+) -> None:
+    assert boot.returncode == 0, boot.stderr[-2000:]
+    assert "reboot: Restarting system" in boot.stdout
+
+
+def test_lab_fallback_is_announced_in_one_line(boot: subprocess.CompletedProcess[str]) -> None:
+    assert kvm_flavour() == "pvm", "this test documents the PVM fallback"
+    lines = boot.stderr.splitlines()
+    assert lines[0].startswith("iovirt: this host's KVM is PVM")
+    assert lines[0].endswith("running the guest nested in an emulated lab (slower)")
+    assert "Traceback" not in boot.stderr
+
+
+def test_console_carries_the_kernels_boot_messages(boot: subprocess.CompletedProcess[str]) -> None:
+    assert "Linux version 6." in boot.stdout
+    assert f"Command line: {CMDLINE}" in boot.stdout
+    assert "found SMP MP-table" in boot.stdout
+    assert "Run /init as init process" in boot.stdout
+
+
+def test_guest_sees_our_board(boot: subprocess.CompletedProcess[str]) -> None:
+    report = guest_report(boot)
+    assert report["cmdline"] == CMDLINE
+    assert report["cpus"] == "2"  # the AP came up through the MP table and INIT/SIPI
+    assert report["clocksource"] == "kvm-clock"
+    assert report["pci"] == "0x8086:0x0d57"  # our host bridge, found through 0xCF8
+    assert report["serial"] == "1"  # ttyS0 identified as a 16550A
+    assert report["rtc"].split()[0] == "rtc_cmos"  # "<driver> <device>"
+    assert 200_000 < int(report["mem"]) <= 256 * 1024
