@@ -32,7 +32,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 # Paths the lab does not share with the host (it mounts its own tmpfs or kernel fs there).
-_LAB_PRIVATE = ("/tmp", "/run", "/dev", "/proc", "/sys")
+_LAB_PRIVATE = ("/run", "/dev", "/proc", "/sys")
 
 
 def lab_reason(config: VmConfig) -> str | None:

@@ -101,7 +101,9 @@ _LAB_INITRD_FORMAT = "1"
 # attributes instead of asking the host again (measured: `python -c pass` 1.7 s instead of
 # 2.4 s); the lab cannot change that share, and host changes during a run are not
 # expected. The writable shares stay uncached so what the lab writes is on the host at
-# once, before the power-off.
+# once, before the power-off. The host's /tmp is not hidden behind a tmpfs: checkouts,
+# venvs and configs live there too (CI clones into a temporary folder), and the overlay
+# already makes it writable inside the lab.
 _LAB_INIT = f"""\
 ip link set lo up 2>/dev/null || ifconfig lo up 2>/dev/null
 P9="trans=virtio,version=9p2000.L,msize=512000"
@@ -119,7 +121,6 @@ mkdir -p $R/dev/pts $R/dev/shm $R/dev/hugepages
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t hugetlbfs hugetlbfs $R/dev/hugepages
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || iovirt_die mount /tmp
 mount -t tmpfs -o mode=0755 tmpfs $R/run || iovirt_die mount /run
 mkdir -p $R{GUEST_CTL_DIR} $R{GUEST_OUT_DIR}
 mount -t 9p -o "$P9" {CTL_TAG} $R{GUEST_CTL_DIR} || iovirt_die mount the control share

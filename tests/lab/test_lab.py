@@ -52,7 +52,7 @@ EXPECTED_STDOUT = (
     "kvm_amd=loaded\n"
     f"iovirt={REPO}/iovirt/__init__.py\n"
     "root_writable=yes\n"
-    "tmp=tmpfs\n"
+    "tmp=overlayfs\n"
     "tab\there\nno newline at end"
 )
 
@@ -73,13 +73,13 @@ def test_project_venv_imports_iovirt(probe: LabResult) -> None:
     assert f"iovirt={REPO}/iovirt/__init__.py" in probe.stdout.splitlines(), probe.stderr
 
 
-def test_cwd_env_and_writable_tmpfs_root(probe: LabResult) -> None:
+def test_cwd_env_and_writable_overlay_root(probe: LabResult) -> None:
     lines = probe.stdout.splitlines()
     assert f"cwd={REPO}" in lines
     assert f"probe_env={PROBE_ENV_VALUE}" in lines
     assert "home=/root" in lines
     assert "root_writable=yes" in lines
-    assert "tmp=tmpfs" in lines
+    assert "tmp=overlayfs" in lines
     # The overlay took the write: nothing reached the host's read-only share.
     assert not Path("/usr/lab-probe").exists()
 
