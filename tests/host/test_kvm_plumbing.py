@@ -35,6 +35,17 @@ REAL_MODE_SETUP = """
 
 READY_PORT = 0x610
 
+# Enable interrupts, tell the host (through READY_PORT) that the guest now waits, and
+# sleep; the code that follows is the interrupt handler, at label `isr`.
+WAIT_FOR_INTERRUPT = f"""
+    sti
+    mov ${READY_PORT}, %dx
+    out %al, %dx
+1:  hlt
+    jmp 1b
+isr:
+"""
+
 
 class _Signal:
     """A port whose write runs ``action`` (lets the guest say 'I am waiting now')."""
@@ -102,14 +113,7 @@ def test_irqfd_injects_an_isa_interrupt(make_guest: Any) -> None:
         movw $0xf000, 0x36
         """
         + PIC_SETUP.format(mask=0xDF)
-        + f"""
-        sti
-        mov ${READY_PORT}, %dx
-        out %al, %dx
-    1:  hlt
-        jmp 1b
-    isr:
-        """
+        + WAIT_FOR_INTERRUPT
         + EXIT.format(code=0x55)
     )
     efd = _eventfd()
@@ -150,13 +154,8 @@ def _msi_guest(make_guest: Any) -> Any:
     return make_guest(
         REAL_MODE_SETUP
         + LAPIC_SETUP
-        + f"""
-        sti
-        mov ${READY_PORT}, %dx
-        out %al, %dx
-    1:  hlt
-        jmp 1b
-    isr:
+        + WAIT_FOR_INTERRUPT
+        + """
         movl $0, %es:0xc0            /* EOI (0xb0) */
         """
         + EXIT.format(code=0x66),
