@@ -133,7 +133,9 @@ def _cmd_initramfs(args: argparse.Namespace) -> int:
             raise ResourceError(args.script, f"cannot read: {e.strerror}") from e
     else:
         script = args.command or DEFAULT_GUEST_SCRIPT
-    image = guest_test_initramfs(kver, args.module, script, timeout=args.guest_timeout)
+    image = guest_test_initramfs(
+        kver, args.module, script, timeout=args.guest_timeout, end=args.end
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(image)
@@ -184,7 +186,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="build a busybox guest initramfs that runs a script and reboots",
         description="Build an initramfs from Debian's busybox-static and kernel modules. Its "
         "init runs a shell script between IOVIRT-TEST-BEGIN and IOVIRT-TEST-END rc=N lines on "
-        "the console, then reboots (boot it with reboot=k panic=-1).",
+        "the console, then reboots or powers off (boot it with reboot=k panic=-1).",
     )
     image.add_argument("-o", "--output", required=True, help="where to write the initramfs")
     image.add_argument(
@@ -203,6 +205,12 @@ def make_parser() -> argparse.ArgumentParser:
     what.add_argument("--command", help="shell text to run in the guest")
     image.add_argument(
         "--guest-timeout", type=int, default=None, help="kill the script after this many seconds"
+    )
+    image.add_argument(
+        "--end",
+        choices=("reboot", "poweroff"),
+        default="reboot",
+        help="how the guest ends after the script (default reboot)",
     )
     image.set_defaults(func=_cmd_initramfs)
 

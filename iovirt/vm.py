@@ -55,6 +55,10 @@ FIRMWARE_MAX = 16 * 1024 * 1024
 
 MIN_MEMORY = 1 * 1024 * 1024
 
+# How often vCPUs are asked whether the guest has halted for good (seconds).
+HALT_POLL_INTERVAL = 0.5
+RFLAGS_IF = 1 << 9
+
 # Exit payloads as they sit in the kvm_run page (struct kvm_run's io and mmio members).
 _EXIT_REASON = struct.Struct("<I")
 _EXIT_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
@@ -69,7 +73,7 @@ class VmExitReason(enum.Enum):
 
     POWEROFF = "poweroff"  # the guest powered off (ACPI, system event, ...)
     RESET = "reset"  # the guest asked for a reset; iovirt ends the VM like kvmtool does
-    HALT = "halt"  # every vCPU halted with no in-kernel irqchip to wake it
+    HALT = "halt"  # every vCPU halted for good (interrupts off): halt, or power-off w/o ACPI
     GUEST_EXIT = "guest-exit"  # the guest wrote its verdict to the debug-exit port
     SIGNAL = "signal"  # SIGINT/SIGTERM on the host
     STOPPED = "stopped"  # Vm.stop() called by the host side (tests, control socket)
@@ -170,6 +174,7 @@ class Vm:
         self._stopped_event: asyncio.Event | None = None
         self._threads: list[threading.Thread] = []
         self._halted = 0
+        self._stopped_polls: dict[int, int] = {}
         self.device_errors = 0
         self.pci: PciRoot | None = None  # set by the board wiring when it adds PCI
 
@@ -237,6 +242,8 @@ class Vm:
                 t.start()
             if self._exit is not None:  # a vCPU may have stopped before we got here
                 self._stopped_event.set()
+            if self.kvm_vm.has_irqchip:
+                loop.call_later(HALT_POLL_INTERVAL, self._poll_halted, loop)
             try:
                 await asyncio.wait_for(self._stopped_event.wait(), timeout)
             except TimeoutError:
@@ -256,6 +263,41 @@ class Vm:
                     log.exception("closing char backend %r failed", backend)
         assert self._exit is not None
         return self._exit
+
+    def _poll_halted(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask every vCPU to look at its own state (see :meth:`_check_halted`).
+
+        With the in-kernel irqchip a halted vCPU sleeps inside KVM_RUN and never exits to
+        us, so a guest that halts for good (Linux's ``poweroff`` and ``halt`` without ACPI
+        end that way) would leave the VM hanging. A kick every HALT_POLL_INTERVAL costs one
+        exit per vCPU and lets each thread check whether it can ever run again."""
+        if self._exit is not None:
+            return
+        for vcpu in self.vcpus:
+            vcpu.poll_requested = True
+            vcpu.kick()
+        loop.call_later(HALT_POLL_INTERVAL, self._poll_halted, loop)
+
+    def _check_halted(self, vcpu: KvmVcpu) -> None:
+        """Record whether ``vcpu`` is stopped for good; end the VM when all of them are.
+
+        Stopped for good: halted with interrupts disabled (only an NMI, INIT or SMI could
+        wake it, and nothing in this VM sends those once every vCPU is stopped), or an AP
+        still waiting for its INIT/SIPI. Required on two polls in a row, so that a vCPU
+        woken by another between two checks is never mistaken for a dead one."""
+        state = vcpu.get_mp_state()
+        stopped = state in (lib.KVM_MP_STATE_INIT_RECEIVED, lib.KVM_MP_STATE_UNINITIALIZED) or (
+            state == lib.KVM_MP_STATE_HALTED and not vcpu.get_regs().rflags & RFLAGS_IF
+        )
+        with self._exit_lock:
+            count = self._stopped_polls.get(vcpu.index, 0)
+            self._stopped_polls[vcpu.index] = count + 1 if stopped else 0
+            dead = all(n >= 2 for n in self._stopped_polls.values()) and len(
+                self._stopped_polls
+            ) == len(self.vcpus)
+        if dead:
+            log.info("every vCPU has halted with interrupts off; the guest has ended")
+            self.stop(VmExitReason.HALT)
 
     def _on_signal(self, signo: int) -> None:
         log.info("terminating on signal %d", signo)
@@ -312,9 +354,15 @@ class Vm:
         while self._exit is None:
             ret = kvm_run(fd)
             if ret < 0:
-                if ret in (eintr, eagain):
-                    continue  # a kick; the loop condition decides whether to go on
-                raise KvmError("KVM_RUN", -ret, f"vCPU {vcpu.index}")
+                if ret not in (eintr, eagain):
+                    raise KvmError("KVM_RUN", -ret, f"vCPU {vcpu.index}")
+                # A kick. Clear immediate_exit before looking at _exit: a stop() that
+                # comes after this line sets it again, so its kick cannot be lost.
+                vcpu.run_struct.immediate_exit = 0
+                if self._exit is None and vcpu.poll_requested:
+                    vcpu.poll_requested = False
+                    self._check_halted(vcpu)
+                continue
             (reason,) = unpack_reason(page, reason_at)
             if reason == exit_io:
                 direction, size, port, count, off = unpack_io(page, io_at)

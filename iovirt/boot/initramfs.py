@@ -396,6 +396,7 @@ def guest_test_initramfs(
     script: str,
     *,
     timeout: int | None = None,
+    end: str = "reboot",
     busybox: Path = BUSYBOX,
     modules_root: Path = MODULES_ROOT,
 ) -> bytes:
@@ -403,9 +404,10 @@ def guest_test_initramfs(
 
     The script runs under ``busybox sh -e`` (the first failing command ends it), with
     stdout and stderr on the console, between a line ``IOVIRT-TEST-BEGIN`` and a line
-    ``IOVIRT-TEST-END rc=<N>``; then the guest syncs and reboots (``reboot -f``): a
-    reboot ends the run in every VMM we drive (QEMU with -no-reboot, iovirt always), while
-    power-off needs ACPI, which iovirt's board does not offer yet.
+    ``IOVIRT-TEST-END rc=<N>``; then the guest syncs and, as ``end`` says, reboots
+    (``reboot -f``, the default: it ends the run in every VMM we drive, QEMU with
+    -no-reboot and iovirt) or powers off (``poweroff -f``: QEMU powers off through ACPI;
+    iovirt's board has no ACPI, so Linux halts every CPU and iovirt ends the VM then).
     With ``timeout`` the script is killed after that many seconds (rc 137). Read the
     console back with :func:`parse_guest_test_output`.
 
@@ -414,6 +416,8 @@ def guest_test_initramfs(
     reboots at once, and a VMM that treats a reboot as the end of the run (QEMU's
     -no-reboot) cannot hang. Keep a host-side timeout as well for a script that hangs.
     """
+    if end not in ("reboot", "poweroff"):
+        raise UserError(f"guest test: end must be 'reboot' or 'poweroff', not {end!r}")
     runner = "sh -e /iovirt-test.sh"
     if timeout is not None:
         if timeout <= 0:
@@ -425,7 +429,7 @@ echo {TEST_BEGIN}
 rc=$?
 echo "{TEST_END} rc=$rc"
 sync
-reboot -f
+{end} -f
 exit "$rc"
 """
     return build_busybox_initramfs(

@@ -76,6 +76,7 @@ class KvmVcpu:
         self.io_offset = int(ffi.cast("uintptr_t", self.io)) - base
         self.mmio_offset = int(ffi.cast("uintptr_t", self.mmio)) - base
         self.thread_ident: int | None = None
+        self.poll_requested = False  # set with a kick when the VM wants a state check
 
     @property
     def run_page(self) -> mmap.mmap:

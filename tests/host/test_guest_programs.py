@@ -25,8 +25,10 @@ def exit_with(code: int) -> str:
     return EXIT.format(code=code)
 
 
-def test_hello_through_uart_then_halt(make_guest: Any) -> None:
-    # Without an in-kernel irqchip HLT exits to us, and a halted single vCPU ends the VM.
+@pytest.mark.parametrize("irqchip", [False, True], ids=["userspace-hlt", "in-kernel-irqchip"])
+def test_hello_through_uart_then_halt(make_guest: Any, irqchip: bool) -> None:
+    # Without an in-kernel irqchip HLT exits to us; with it the vCPU sleeps in KVM and the
+    # VM's halt poll finds it halted with interrupts off. Either way the guest has ended.
     guest = make_guest(
         """
         mov $0x3f8, %dx
@@ -40,12 +42,26 @@ def test_hello_through_uart_then_halt(make_guest: Any) -> None:
         hlt
     msg: .asciz "hello"
         """,
-        irqchip=False,
+        irqchip=irqchip,
     )
     result = guest.vm.run(timeout=20)
     assert result.reason is VmExitReason.HALT
     assert result.exit_status == 0
     assert bytes(guest.console.output) == b"hello"
+
+
+def test_halt_with_interrupts_on_is_not_the_end(make_guest: Any) -> None:
+    # HLT with IF=1 waits for an interrupt (here: none comes), so the VM must keep running
+    # until the timeout, several halt polls later.
+    guest = make_guest("sti\n 1: hlt\n jmp 1b")
+    result = guest.vm.run(timeout=2.0)
+    assert result.reason is VmExitReason.TIMEOUT
+
+
+def test_two_vcpus_end_when_the_bsp_halts_and_the_ap_never_started(make_guest: Any) -> None:
+    guest = make_guest("cli\n hlt", vcpus=2)
+    result = guest.vm.run(timeout=20)
+    assert result.reason is VmExitReason.HALT
 
 
 def test_guest_reads_back_uart_registers(make_guest: Any) -> None:

@@ -104,3 +104,43 @@ def test_guest_sees_our_board(boot: subprocess.CompletedProcess[str]) -> None:
     assert report["serial"] == "1"  # ttyS0 identified as a 16550A
     assert report["rtc"].split()[0] == "rtc_cmos"  # "<driver> <device>"
     assert 200_000 < int(report["mem"]) <= 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def poweroff_boot(lab: Lab) -> subprocess.CompletedProcess[str]:
+    """A second, quiet boot whose guest powers off instead of rebooting."""
+    work = REPO / "build" / "lab-tests"
+    work.mkdir(parents=True, exist_ok=True)
+    kver = kernel_release(KERNEL.read_bytes())
+    assert kver is not None
+    initrd = work / "initrd-poweroff.img"
+    initrd.write_bytes(guest_test_initramfs(kver, [], "echo powering-off", end="poweroff"))
+    cfg = work / "vm-poweroff.toml"
+    cfg.write_text(
+        "[vm]\n"
+        'memory = "256M"\n'
+        f'kernel = "{KERNEL}"\n'
+        f'initrd = "{initrd}"\n'
+        'cmdline = "console=ttyS0 panic=-1 reboot=k acpi=off quiet"\n'
+        "\n[serial]\n"
+        'backend = { kind = "stdio", input = false }\n'
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "iovirt.cli", "-v", "run", "--timeout", "600", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        check=False,
+    )
+
+
+def test_guest_poweroff_ends_the_vm_with_status_zero(
+    poweroff_boot: subprocess.CompletedProcess[str],
+) -> None:
+    rc, output = parse_guest_test_output(poweroff_boot.stdout)
+    assert (rc, output) == (0, "powering-off\n"), poweroff_boot.stdout[-2000:]
+    # No ACPI on this board: Linux halts every CPU, and the halt poll ends the VM.
+    assert "reboot: System halted" in poweroff_boot.stdout
+    assert "guest ended: halt (status 0)" in poweroff_boot.stderr
+    assert poweroff_boot.returncode == 0
