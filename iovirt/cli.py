@@ -14,10 +14,11 @@ from pathlib import Path
 
 from iovirt import __version__
 from iovirt.boot.linux import kernel_release
-from iovirt.config import VmConfig, load_config
+from iovirt.config import FileChar, SocketChar, VmConfig, load_config
 from iovirt.errors import ConfigError, IovirtError, ResourceError, UserError
 from iovirt.kvm.system import kvm_flavour
 from iovirt.machine import build_vm, check_boot_files
+from iovirt.vm import VmExitReason
 
 # How long `iovirt run` lets a lab run without --timeout: a stock guest that boots and
 # ends takes about a minute there; one that waits for input would hang CI forever.
@@ -48,11 +49,20 @@ def lab_reason(config: VmConfig) -> str | None:
 
 
 def _check_lab_paths(config_path: str, config: VmConfig) -> None:
+    # What the guest writes to host files inside the lab stays in the lab's overlay and
+    # is gone when it powers off: refuse rather than lose a console log silently.
+    backend = config.serial.backend
+    if config.serial.log is not None or isinstance(backend, FileChar | SocketChar):
+        key = "serial.log" if config.serial.log is not None else "serial.backend"
+        raise ConfigError(
+            key,
+            "files and sockets are not brought back from the lab yet; use the stdio "
+            "backend (the lab hands its output back) or a host with VT-x/AMD-V",
+        )
     files = {
         "config": Path(config_path),
         "vm.kernel": config.vm.kernel,
         "vm.initrd": config.vm.initrd,
-        "serial.log": config.serial.log,
     }
     for key, path in files.items():
         if path is None:
@@ -107,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = vm.run(timeout=args.timeout)
     if result.error is not None:
         print(f"iovirt: {result.error}", file=sys.stderr)
-    elif result.reason.value == "timeout":
+    elif result.reason is VmExitReason.TIMEOUT:
         print(f"iovirt: guest still running after {args.timeout} s; stopped it", file=sys.stderr)
     else:
         log.info("guest ended: %s (status %d)", result.reason.value, result.exit_status)

@@ -165,3 +165,10 @@ def test_missing_kernel_and_initrd_are_one_line(tmp_path: Path) -> None:
     assert "vm.kernel: /no/such/vmlinuz: no such file" in one_line(run_cli("check", str(cfg)))
     cfg.write_text(text.replace("cmdline =", 'initrd = "/no/such/initrd"\ncmdline ='))
     assert "vm.initrd: /no/such/initrd: no such file" in one_line(run_cli("check", str(cfg)))
+
+
+def test_lab_refuses_outputs_it_would_lose(tmp_path: Path) -> None:
+    # The fallback to the lab happens before any VM exists, so this costs no lab boot.
+    cfg = write_vm(tmp_path, fake_bzimage())
+    line = one_line(run_cli("run", "--lab", str(cfg)))
+    assert "serial.backend" in line and "not brought back from the lab" in line
