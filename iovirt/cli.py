@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -92,14 +93,30 @@ def _run_in_lab(args: argparse.Namespace, reason: str, config: VmConfig) -> int:
     inner.append(os.path.abspath(args.config))
     # The lab's own boot and Python start-up come on top of the guest's time.
     lab_timeout = LAB_DEFAULT_TIMEOUT if args.timeout is None else args.timeout + 120
+    # SIGTERM would kill us without unwinding, leaving the lab's QEMU running: turn it
+    # into an exception so Lab.run's clean-up kills QEMU and removes its scratch folder.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = Lab().run(inner, cwd=os.getcwd(), timeout=lab_timeout)
+    except _Terminated:
+        print("iovirt: terminating on signal 15; stopped the lab", file=sys.stderr)
+        return 0
     except LabError as e:
         log.debug("lab console:\n%s", e.console)
         raise IovirtError(f"lab: {e.problem} (run with -vv for the lab console)") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     return result.returncode
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while the lab ran."""
+
+
+def _terminate(signo: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ what the guest sees and reboots (``reboot=k``: the i8042 reset line ends the VM)
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,44 @@ def test_guest_poweroff_ends_the_vm_with_status_zero(
     assert "reboot: System halted" in poweroff_boot.stdout
     assert "guest ended: halt (status 0)" in poweroff_boot.stderr
     assert poweroff_boot.returncode == 0
+
+
+def _lab_qemus() -> set[int]:
+    """PIDs of running QEMUs started by the lab harness (their shares live in iovirt-lab-*)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"qemu-system") and b"iovirt-lab-" in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_sigterm_during_a_lab_run_stops_qemu(lab: Lab) -> None:
+    before = _lab_qemus()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iovirt.cli", "run", "--lab", str(REPO / "examples" / "hello.toml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _lab_qemus() - before:  # wait until the lab's QEMU is up
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the lab never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert "terminating on signal 15; stopped the lab" in stderr
+    assert "Traceback" not in stderr
+    assert not _lab_qemus() - before
