@@ -40,33 +40,42 @@ echo "mem=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
 """
 
 
-@pytest.fixture(scope="module")
-def boot(lab: Lab) -> subprocess.CompletedProcess[str]:
-    # Files the lab must read live under build/ (the lab has its own /tmp).
+def boot_guest(
+    name: str, script: str, cmdline: str, vcpus: int, end: str
+) -> subprocess.CompletedProcess[str]:
+    """Build an initramfs running ``script``, write a config, and ``iovirt run`` it as a
+    user would (so on this PVM host it goes through the lab fallback)."""
+    # Files the lab must read live under build/, next to the checkout.
     work = REPO / "build" / "lab-tests"
     work.mkdir(parents=True, exist_ok=True)
     kver = kernel_release(KERNEL.read_bytes())
     assert kver is not None
-    (work / "initrd.img").write_bytes(guest_test_initramfs(kver, [], GUEST_SCRIPT))
-    cfg = work / "vm.toml"
+    initrd = work / f"{name}.img"
+    initrd.write_bytes(guest_test_initramfs(kver, [], script, end=end))
+    cfg = work / f"{name}.toml"
     cfg.write_text(
         "[vm]\n"
         'memory = "256M"\n'
-        "vcpus = 2\n"
+        f"vcpus = {vcpus}\n"
         f'kernel = "{KERNEL}"\n'
-        f'initrd = "{work / "initrd.img"}"\n'
-        f'cmdline = "{CMDLINE}"\n'
+        f'initrd = "{initrd}"\n'
+        f'cmdline = "{cmdline}"\n'
         "\n[serial]\n"
         'backend = { kind = "stdio", input = false }\n'
     )
     return subprocess.run(
-        [sys.executable, "-m", "iovirt.cli", "run", "--timeout", "600", str(cfg)],
+        [sys.executable, "-m", "iovirt.cli", "-v", "run", "--timeout", "600", str(cfg)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=1100,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def boot(lab: Lab) -> subprocess.CompletedProcess[str]:
+    return boot_guest("reboot", GUEST_SCRIPT, CMDLINE, vcpus=2, end="reboot")
 
 
 def guest_report(boot: subprocess.CompletedProcess[str]) -> dict[str, str]:
@@ -111,30 +120,8 @@ def test_guest_sees_our_board(boot: subprocess.CompletedProcess[str]) -> None:
 @pytest.fixture(scope="module")
 def poweroff_boot(lab: Lab) -> subprocess.CompletedProcess[str]:
     """A second, quiet boot whose guest powers off instead of rebooting."""
-    work = REPO / "build" / "lab-tests"
-    work.mkdir(parents=True, exist_ok=True)
-    kver = kernel_release(KERNEL.read_bytes())
-    assert kver is not None
-    initrd = work / "initrd-poweroff.img"
-    initrd.write_bytes(guest_test_initramfs(kver, [], "echo powering-off", end="poweroff"))
-    cfg = work / "vm-poweroff.toml"
-    cfg.write_text(
-        "[vm]\n"
-        'memory = "256M"\n'
-        f'kernel = "{KERNEL}"\n'
-        f'initrd = "{initrd}"\n'
-        'cmdline = "console=ttyS0 panic=-1 reboot=k acpi=off quiet"\n'
-        "\n[serial]\n"
-        'backend = { kind = "stdio", input = false }\n'
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "iovirt.cli", "-v", "run", "--timeout", "600", str(cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1100,
-        check=False,
-    )
+    cmdline = "console=ttyS0 panic=-1 reboot=k acpi=off quiet"
+    return boot_guest("poweroff", "echo powering-off", cmdline, vcpus=1, end="poweroff")
 
 
 def test_guest_poweroff_ends_the_vm_with_status_zero(
