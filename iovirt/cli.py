@@ -121,7 +121,7 @@ def _terminate(signo: int, frame: object) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    check_boot_files(config)
+    kernel = check_boot_files(config)  # parsed once, reused by build_vm below
     reason = lab_reason(config)
     if args.lab or reason is not None:
         if args.no_lab:
@@ -130,7 +130,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "or use a host with VT-x/AMD-V"
             )
         return _run_in_lab(args, reason or "--lab given", config)
-    with build_vm(config) as vm:
+    with build_vm(config, kernel) as vm:
         result = vm.run(timeout=args.timeout)
     if result.error is not None:
         print(f"iovirt: {result.error}", file=sys.stderr)

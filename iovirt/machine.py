@@ -17,7 +17,7 @@ from iovirt.backends.char import (
     UnixSocketBackend,
 )
 from iovirt.boot import layout
-from iovirt.boot.linux import load_linux, parse_bzimage, plan_linux
+from iovirt.boot.linux import LinuxImage, load_linux, parse_bzimage, plan_linux
 from iovirt.boot.mptable import build_mptable
 from iovirt.bus.pci import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
 from iovirt.config import CharBackendConfig, FileChar, PtyChar, SocketChar, StdioChar, VmConfig
@@ -73,7 +73,7 @@ def char_backend(config: CharBackendConfig, vm: Vm) -> CharBackend | None:
     return None
 
 
-def build_vm(config: VmConfig) -> Vm:
+def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
     """A ready-to-run Vm for ``config`` (the caller runs and closes it)."""
     vm = Vm(config.vm.memory, vcpus=config.vm.vcpus)
     try:
@@ -98,7 +98,7 @@ def build_vm(config: VmConfig) -> Vm:
         vm.pio.register(POST_PORT, 1, _Sink(), "post")
         vm.pio.register(RTC_INDEX_PORT, RTC_PORTS, CmosRtc(), "rtc")
         if config.vm.kernel is not None:
-            _load_kernel(vm, config)
+            _load_kernel(vm, config, kernel)
         elif config.vm.firmware is not None:
             vm.load_firmware(_read("vm.firmware", config.vm.firmware))
         else:
@@ -116,12 +116,12 @@ def _read(key: str, path: Path) -> bytes:
         raise ConfigError(key, f"{path}: {e.strerror}") from e
 
 
-def check_boot_files(config: VmConfig) -> None:
+def check_boot_files(config: VmConfig) -> LinuxImage | None:
     """Everything about the kernel and initrd that can be checked without a VM: that the
     kernel is a bzImage iovirt boots, and that it, its command line and the initrd fit in
     vm.memory. Runs before the lab is started, so such mistakes never cost a lab boot."""
     if config.vm.kernel is None:
-        return
+        return None
     image = parse_bzimage(str(config.vm.kernel), _read("vm.kernel", config.vm.kernel))
     initrd_size = None
     if config.vm.initrd is not None:
@@ -136,13 +136,15 @@ def check_boot_files(config: VmConfig) -> None:
         initrd_size,
         str(config.vm.initrd or ""),
     )
+    return image
 
 
-def _load_kernel(vm: Vm, config: VmConfig) -> None:
+def _load_kernel(vm: Vm, config: VmConfig, image: LinuxImage | None) -> None:
     """Linux direct boot: bzImage, initrd, command line, MP table."""
     assert config.vm.kernel is not None
     kernel_path = str(config.vm.kernel)
-    image = parse_bzimage(kernel_path, _read("vm.kernel", config.vm.kernel))
+    if image is None:  # not already parsed by check_boot_files
+        image = parse_bzimage(kernel_path, _read("vm.kernel", config.vm.kernel))
     initrd = None if config.vm.initrd is None else _read("vm.initrd", config.vm.initrd)
     vm.memory.write(layout.EBDA_START, build_mptable(len(vm.vcpus)))
     load_linux(
