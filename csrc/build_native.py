@@ -338,6 +338,132 @@ int iovirt_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int iovirt_kvm_run(int vcpu_fd);
 int iovirt_install_kick_handler(int signo);
 int iovirt_memfd_create(const char *name, unsigned int flags);
+
+/* ---- the virtqueue engine (csrc/virtqueue.h) ---- */
+#define IOV_MAX_MEM_REGIONS ...
+#define IOV_VQ_F_PACKED ...
+#define IOV_VQ_F_EVENT_IDX ...
+#define IOV_VQ_F_INDIRECT ...
+#define IOV_VQ_F_IN_ORDER ...
+#define IOV_CHAIN_MAX_SEGS ...
+
+struct iovec {
+    void *iov_base;
+    size_t iov_len;
+    ...;
+};
+
+struct iov_mem_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+    ...;
+};
+
+struct iov_mem {
+    uint32_t nregions;
+    struct iov_mem_region regions[...];
+    ...;
+};
+
+struct iov_chain {
+    uint16_t head;
+    uint16_t ndescs;
+    uint32_t nout;
+    uint32_t nin;
+    uint64_t out_bytes;
+    uint64_t in_bytes;
+    uint64_t gpa[...];
+    struct iovec iov[...];
+    ...;
+};
+
+struct iov_vq_stats {
+    uint64_t popped;
+    uint64_t used;
+    uint64_t notifications;
+    uint64_t suppressed;
+    ...;
+};
+
+struct iov_vq {
+    uint16_t size;
+    uint32_t flags;
+    uint64_t desc_gpa, driver_gpa, device_gpa;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    uint16_t published_used;
+    uint16_t signalled_used;
+    uint8_t signalled_used_valid;
+    uint16_t next_avail;
+    uint8_t avail_wrap;
+    uint16_t next_used;
+    uint8_t used_wrap;
+    uint8_t broken;
+    int error;
+    struct iov_vq_stats stats;
+    ...;
+};
+
+void *iov_mem_translate(const struct iov_mem *mem, uint64_t gpa, uint64_t len);
+int iov_vq_setup(struct iov_vq *vq, const struct iov_mem *mem, uint16_t size, uint32_t flags,
+                 uint64_t desc_gpa, uint64_t driver_gpa, uint64_t device_gpa);
+int iov_vq_pop(struct iov_vq *vq, const struct iov_mem *mem, struct iov_chain *chain);
+void iov_vq_add_used(struct iov_vq *vq, uint16_t head, uint16_t ndescs, uint32_t len);
+void iov_vq_flush_used(struct iov_vq *vq);
+int iov_vq_needs_notification(struct iov_vq *vq);
+int iov_vq_enable_notification(struct iov_vq *vq);
+void iov_vq_disable_notification(struct iov_vq *vq);
+
+/* ---- the virtio-blk data path (csrc/blk.h) ---- */
+#define IOV_BLK_MAX_QUEUES ...
+#define IOV_BLK_ID_BYTES ...
+
+struct iov_blk_config {
+    int fd;
+    uint64_t capacity;
+    uint32_t blk_size;
+    uint32_t seg_max;
+    uint32_t size_max;
+    uint8_t readonly;
+    uint8_t flush;
+    uint8_t discard;
+    uint8_t write_zeroes;
+    uint32_t max_discard_sectors;
+    uint32_t max_discard_seg;
+    uint32_t max_write_zeroes_sectors;
+    uint32_t max_write_zeroes_seg;
+    char serial[...];
+    ...;
+};
+
+struct iov_blk_stats {
+    uint64_t requests;
+    uint64_t read_bytes;
+    uint64_t write_bytes;
+    uint64_t flushes;
+    uint64_t discards;
+    uint64_t write_zeroes;
+    uint64_t ioerr;
+    uint64_t unsupp;
+    uint64_t notifications;
+    ...;
+};
+
+struct iov_blk;
+
+struct iov_blk *iov_blk_new(const struct iov_mem *mem, const struct iov_blk_config *config,
+                            unsigned nqueues);
+int iov_blk_setup_queue(struct iov_blk *blk, unsigned q, uint16_t size, uint32_t flags,
+                        uint64_t desc_gpa, uint64_t driver_gpa, uint64_t device_gpa,
+                        int kick_fd, int call_fd);
+int iov_blk_start_queue(struct iov_blk *blk, unsigned q);
+int iov_blk_process_queue(struct iov_blk *blk, unsigned q);
+void iov_blk_stop(struct iov_blk *blk);
+int iov_blk_error_fd(const struct iov_blk *blk);
+int iov_blk_queue_error(const struct iov_blk *blk, unsigned q);
+void iov_blk_get_stats(const struct iov_blk *blk, struct iov_blk_stats *out);
+void iov_blk_free(struct iov_blk *blk);
 """
 
 # The payload structs mirror members of kvm_run's anonymous union; the accessors hand
@@ -348,6 +474,8 @@ SOURCE = r"""
 #include <linux/kvm.h>
 #include <asm/bootparam.h>
 #include "native.h"
+#include "virtqueue.h"
+#include "blk.h"
 
 _Static_assert(E820_MAX_ENTRIES_ZEROPAGE == 128, "e820_table size");
 
@@ -384,9 +512,12 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "iovirt._native",
     SOURCE,
-    sources=["csrc/kvm_helpers.c"],
+    sources=["csrc/kvm_helpers.c", "csrc/virtqueue.c", "csrc/blk.c"],
     include_dirs=["csrc"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
+    # The blk data path runs its own worker threads.
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
+    extra_link_args=["-pthread"],
+    libraries=["pthread"],
 )
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""virtio transports and device front halves (the virtqueue issue)."""
+"""Virtio: the device contract, the virtqueue engines, transports and device front halves."""
