@@ -177,6 +177,9 @@ class Vm:
         self._stopped_polls: dict[int, int] = {}
         self.device_errors = 0
         self.pci: PciRoot | None = None  # set by the board wiring when it adds PCI
+        # fd -> callback run on the host I/O loop when the fd is readable (see watch()).
+        self._watches: dict[int, Callable[[], None]] = {}
+        self._watch_lock = threading.Lock()
 
     # -- building ---------------------------------------------------------------------------
 
@@ -189,6 +192,55 @@ class Vm:
     def add_char_backend(self, backend: CharBackend, on_input: Callable[[bytes], object]) -> None:
         """Open ``backend`` on the host I/O loop when the VM runs; input goes to ``on_input``."""
         self._char_backends.append((backend, on_input))
+
+    def add_closer(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` on :meth:`close`, before guest RAM is unmapped (closers run in
+        reverse order of registration), so device workers stop while RAM is still there."""
+        self._closers.append(closer)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the host I/O loop whenever ``fd`` is readable; the callback
+        drains the fd. Thread-safe (device transports call it from vCPU threads); a watch
+        added before :meth:`run` starts with the loop."""
+        with self._watch_lock:
+            self._watches[fd] = callback
+            loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._add_reader, loop, fd)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (thread-safe; unknown fds are ignored)."""
+        with self._watch_lock:
+            known = self._watches.pop(fd, None) is not None
+            loop = self._loop
+        if known and loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.remove_reader, fd)
+
+    def _add_reader(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        with self._watch_lock:
+            callback = self._watches.get(fd)
+        if callback is not None:  # not unwatched before the loop got to it
+            loop.add_reader(fd, self._run_watch, loop, fd, callback)
+
+    def _run_watch(
+        self, loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[[], None]
+    ) -> None:
+        with self._watch_lock:
+            current = self._watches.get(fd)
+        if current is not callback:
+            # Unwatched (and maybe closed, its number reused) before the loop removed the
+            # reader: never run a stale callback on whatever the fd number is now.
+            loop.remove_reader(fd)
+            return
+        try:
+            callback()
+        except Exception:
+            # A device callback failing must not take the host I/O loop down with it.
+            self.device_errors += 1
+            if self.device_errors <= _MAX_DEVICE_ERRORS_LOGGED:
+                log.exception("device fd callback %r failed", callback)
 
     def load_firmware(self, image: bytes) -> None:
         """Map ``image`` read-only so that it ends at 4 GiB (the reset vector is its last
@@ -230,6 +282,10 @@ class Vm:
             for backend, on_input in self._char_backends:
                 backend.open(loop, on_input)
                 opened.append(backend)
+            with self._watch_lock:
+                watched = list(self._watches)
+            for fd in watched:
+                self._add_reader(loop, fd)
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, self._on_signal, int(sig))
@@ -256,6 +312,10 @@ class Vm:
                 await asyncio.to_thread(t.join)
             for signo in signals:
                 loop.remove_signal_handler(signo)
+            with self._watch_lock:
+                watched = list(self._watches)
+            for fd in watched:
+                loop.remove_reader(fd)
             for backend in reversed(opened):
                 try:
                     backend.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ class KvmVm:
         self.fd = ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         self.has_irqchip = False
         self._msi_routes: dict[int, MsiRoute] = {}
+        # vCPU threads program MSI routes concurrently (each device's MSI-X table writes);
+        # KVM_SET_GSI_ROUTING replaces the whole table, so building and pushing it is serialised.
+        self._routes_lock = threading.Lock()
         self._next_slot = 0
         try:
             # Only VMX needs these; elsewhere the ioctls may be refused, which is harmless.
@@ -155,12 +159,14 @@ class KvmVm:
 
     def set_msi_route(self, gsi: int, address: int, data: int) -> None:
         """Route ``gsi`` to an MSI message and push the whole table to KVM."""
-        self._msi_routes[gsi] = MsiRoute(gsi, address, data)
-        self._commit_routes()
+        with self._routes_lock:
+            self._msi_routes[gsi] = MsiRoute(gsi, address, data)
+            self._commit_routes()
 
     def remove_msi_route(self, gsi: int) -> None:
-        self._msi_routes.pop(gsi, None)
-        self._commit_routes()
+        with self._routes_lock:
+            self._msi_routes.pop(gsi, None)
+            self._commit_routes()
 
     def _commit_routes(self) -> None:
         """KVM_SET_GSI_ROUTING replaces the whole table, so it always carries the default

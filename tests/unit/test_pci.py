@@ -8,6 +8,9 @@ bridge are ``RecordingFunction`` fakes that record each config access the root h
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from iovirt.bus import Bus
@@ -17,18 +20,32 @@ from iovirt.bus.pci import (
     CONFIG_PORTS,
     HOST_BRIDGE_DEVICE,
     HOST_BRIDGE_VENDOR,
+    PCI_CAPABILITY_LIST,
     PCI_CLASS_BRIDGE_HOST,
     PCI_CLASS_DEVICE,
     PCI_CLASS_PROG,
     PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_COMMAND_IO,
+    PCI_COMMAND_MEMORY,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
+    PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
+    PCI_IO_WINDOW,
+    PCI_MEM_WINDOW,
     PCI_REVISION_ID,
     PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    PCI_STATUS_INTERRUPT,
+    PCI_SUBSYSTEM_VENDOR_ID,
     PCI_VENDOR_ID,
+    BarKind,
     PciConfigSpace,
+    PciFunction,
     PciRoot,
 )
+from iovirt.interrupt import RecordingInterrupt
 
 ENABLE = 0x8000_0000
 SIZES = (1, 2, 4)
@@ -367,3 +384,356 @@ def test_other_functions_of_slot_3_do_not_reach_function_0(m: Machine) -> None:
     assert m.config_read(2, 0, PCI_VENDOR_ID, 4) == 0xFFFF_FFFF
     assert m.config_read(4, 0, PCI_VENDOR_ID, 4) == 0xFFFF_FFFF
     assert fake.accesses == []
+
+
+# -- PciFunction: BARs, decode, mapping -------------------------------------------------------
+#
+# These tests put a PciFunction behind a PciRoot that has real MMIO and port buses, probe it
+# through 0xCF8/0xCFC the way Linux's pci_read_bases() does, and check where the BAR's
+# device ends up on the bus.
+
+MMIO_LIMIT = 1 << 40
+
+
+class BoardWithBuses(Machine):
+    """A Machine whose PciRoot maps BARs onto a real MMIO bus and the port bus."""
+
+    def __init__(self, **windows: tuple[int, int]) -> None:
+        self.pio = Bus("pio", 0x1_0000)
+        self.mmio = Bus("mmio", MMIO_LIMIT)
+        self.root = PciRoot(mmio=self.mmio, pio=self.pio, **windows)
+        self.pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS, self.root, "pci-root")
+
+    def size_bar(self, slot: int, reg: int) -> int:
+        """pci_read_bases(): save, write all-ones, read the mask back, restore."""
+        saved = self.config_read(slot, 0, reg, 4)
+        self.config_write(slot, 0, reg, 4, 0xFFFF_FFFF)
+        mask = self.config_read(slot, 0, reg, 4)
+        self.config_write(slot, 0, reg, 4, saved)
+        return mask
+
+
+class RegisterFile:
+    """A BAR's bus device: remembers writes, answers reads with what was written."""
+
+    def __init__(self) -> None:
+        self.regs: dict[int, int] = {}
+
+    def read(self, offset: int, size: int) -> int:
+        return self.regs.get(offset, 0x5A)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.regs[offset] = value
+
+
+class FunctionWithBars(PciFunction):
+    """Three BARs of every kind, recording on_map calls."""
+
+    def __init__(self, intx: RecordingInterrupt | None = None) -> None:
+        super().__init__(0x1234, 0x5678, 0x020000, revision=3, intx=intx, interrupt_line=10)
+        self.mem32 = RegisterFile()
+        self.mem64 = RegisterFile()
+        self.io = RegisterFile()
+        self.maps: dict[int, list[int | None]] = {0: [], 2: [], 5: []}
+        self.add_bar(0, 0x1000, BarKind.MEM32, self.mem32, on_map=self.maps[0].append)
+        self.add_bar(
+            2, 0x4000, BarKind.MEM64, self.mem64, prefetchable=True, on_map=self.maps[2].append
+        )
+        self.add_bar(5, 0x20, BarKind.IO, self.io, on_map=self.maps[5].append)
+
+
+BAR0, BAR2, BAR3, BAR5 = 0x10, 0x18, 0x1C, 0x24
+
+
+@pytest.fixture
+def board() -> BoardWithBuses:
+    return BoardWithBuses()
+
+
+def test_bar_sizing_reads_back_size_masks_and_read_only_type_bits(board: BoardWithBuses) -> None:
+    board.root.add(FunctionWithBars(), slot=2)
+    assert board.size_bar(2, BAR0) == 0xFFFF_F000  # 4 KiB, 32-bit, not prefetchable
+    assert board.size_bar(2, BAR2) == 0xFFFF_C000 | 0x8 | 0x4  # 16 KiB, 64-bit, prefetchable
+    assert board.size_bar(2, BAR3) == 0xFFFF_FFFF  # upper half: every bit is an address bit
+    assert board.size_bar(2, BAR5) == 0xFFFF_FFE0 | 0x1  # 32 ports, I/O space indicator
+    # Unimplemented BARs (1, 4 is BAR2's upper half at 0x1C, so 1 only) read 0 even after
+    # all-ones, which is how the guest learns there is nothing there.
+    assert board.size_bar(2, 0x14) == 0
+    # Writing zero leaves the type bits set: they are read-only.
+    board.config_write(2, 0, BAR2, 4, 0)
+    assert board.config_read(2, 0, BAR2, 4) == 0xC
+    board.config_write(2, 0, BAR5, 4, 0)
+    assert board.config_read(2, 0, BAR5, 4) == 0x1
+
+
+def test_a_64_bit_bar_larger_than_4_gib_sizes_through_its_upper_register() -> None:
+    function = PciFunction(0x1234, 0x5678, 0)
+    function.add_bar(0, 1 << 33, BarKind.MEM64, RegisterFile())
+    function.config_write(0x10, 4, 0xFFFF_FFFF)
+    function.config_write(0x14, 4, 0xFFFF_FFFF)
+    assert function.config_read(0x10, 4) == 0x4  # no address bits below 8 GiB
+    assert function.config_read(0x14, 4) == 0xFFFF_FFFE
+
+
+def test_add_assigns_naturally_aligned_addresses_in_the_windows(board: BoardWithBuses) -> None:
+    a, b = FunctionWithBars(), FunctionWithBars()
+    board.root.add(a, slot=1)
+    board.root.add(b, slot=2)
+    for function in (a, b):
+        for index, bar in function.bars.items():
+            address = function.bar_address(index)
+            assert address % bar.size == 0
+            if bar.kind is BarKind.IO:
+                assert PCI_IO_WINDOW[0] <= address < address + bar.size <= PCI_IO_WINDOW[1]
+            else:
+                assert PCI_MEM_WINDOW[0] <= address < address + bar.size <= PCI_MEM_WINDOW[1]
+    # Programmed into config space, where the guest reads it (flags in the low bits).
+    low = board.config_read(2, 0, BAR2, 4)
+    high = board.config_read(2, 0, BAR3, 4)
+    assert (high << 32 | low) == b.bar_address(2) | 0xC
+    assert board.config_read(2, 0, BAR5, 4) == b.bar_address(5) | 0x1
+    # No two BARs of one address space overlap.
+    for io in (True, False):
+        spans = sorted(
+            (f.bar_address(i), f.bar_address(i) + bar.size)
+            for f in (a, b)
+            for i, bar in f.bars.items()
+            if (bar.kind is BarKind.IO) == io
+        )
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end <= start
+
+
+def test_add_refuses_a_function_whose_bars_do_not_fit_and_keeps_the_window() -> None:
+    board = BoardWithBuses(mem_window=(0xE000_0000, 0xE000_8000))
+    big = PciFunction(0x1234, 0x1, 0)
+    big.add_bar(0, 0x1_0000, BarKind.MEM32, RegisterFile())
+    with pytest.raises(ValueError, match="no room"):
+        board.root.add(big)
+    assert list(board.root.functions) == [0]
+    small = PciFunction(0x1234, 0x2, 0)
+    small.add_bar(0, 0x8000, BarKind.MEM32, RegisterFile())
+    board.root.add(small)
+    assert small.bar_address(0) == 0xE000_0000
+
+
+def test_bars_are_on_the_bus_only_while_decode_is_enabled(board: BoardWithBuses) -> None:
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    base0, base2, base5 = (function.bar_address(i) for i in (0, 2, 5))
+    assert board.mmio.ranges == () and board.pio.ranges[1:] == ()
+    assert board.mmio.read(base0, 4) == 0xFFFF_FFFF  # nobody there yet
+
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    assert function.maps == {0: [base0], 2: [base2], 5: []}
+    board.mmio.write(base0 + 8, 4, 0xCAFE)
+    assert function.mem32.regs == {8: 0xCAFE}
+    assert board.mmio.read(base2 + 0x3FFC, 4) == 0x5A
+    assert board.pio.find(base5) is None  # I/O decode still off
+
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY | PCI_COMMAND_IO)
+    assert function.maps[5] == [base5]
+    board.pio.write(base5 + 4, 2, 0x77)
+    assert function.io.regs == {4: 0x77}
+
+    board.config_write(2, 0, PCI_COMMAND, 2, 0)
+    assert function.maps == {0: [base0, None], 2: [base2, None], 5: [base5, None]}
+    assert board.mmio.ranges == ()
+    assert board.pio.find(base5) is None
+
+
+def test_guest_moving_a_bar_moves_its_registration(board: BoardWithBuses) -> None:
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    old = function.bar_address(0)
+    board.config_write(2, 0, BAR0, 4, 0xD000_0000)
+    assert function.maps[0] == [old, 0xD000_0000]
+    assert board.mmio.find(old) is None
+    assert board.mmio.find(0xD000_0000) is not None
+    # The 64-bit BAR moves above 4 GiB through its upper register.
+    board.config_write(2, 0, BAR3, 4, 0x1)
+    assert function.maps[2][-1] == 0x1_0000_0000 | function.bar_address(2) & 0xFFFF_FFFF
+    assert board.mmio.find(function.maps[2][-1] or 0) is not None
+
+
+def test_sizing_with_decode_enabled_does_not_map_the_all_ones_pattern(
+    board: BoardWithBuses,
+) -> None:
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    base0, base2 = function.bar_address(0), function.bar_address(2)
+    board.size_bar(2, BAR0)
+    board.size_bar(2, BAR2)
+    board.size_bar(2, BAR3)
+    # Unmapped while the register held the sizing pattern, mapped back after the restore.
+    assert function.maps[0] == [base0, None, base0]
+    assert function.maps[2] == [base2, None, base2, None, base2]
+    assert {r.base for r in board.mmio.ranges} == {base0, base2}
+
+
+def test_a_bar_at_zero_is_not_mapped(board: BoardWithBuses) -> None:
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    board.config_write(2, 0, BAR0, 4, 0)
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    assert function.maps[0] == []
+    assert board.mmio.find(0) is None
+
+
+def test_a_guest_mapping_over_another_device_is_refused_not_raised(
+    board: BoardWithBuses, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = RegisterFile()
+    board.mmio.register(0xD000_0000, 0x1000, other, "other")
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    base0 = function.bar_address(0)
+    for _ in range(10):  # moved onto the other device again and again: logged once
+        board.config_write(2, 0, BAR0, 4, 0xD000_0000)
+        board.config_write(2, 0, BAR0, 4, 0xFFFF_FFFF)
+    assert function.maps[0][:2] == [base0, None]
+    assert board.mmio.find(0xD000_0000).device is other  # type: ignore[union-attr]
+    assert function.mapping_conflicts.count == 10
+    assert len([r for r in caplog.records if "mapping refused" in r.getMessage()]) == 1
+    # Moving it somewhere free maps it again.
+    board.config_write(2, 0, BAR0, 4, 0xD100_0000)
+    assert function.maps[0][-1] == 0xD100_0000
+    # Two BARs of one function pointed at the same place: the second is refused.
+    board.config_write(2, 0, BAR2, 4, 0xD100_0000 | 0xC)
+    board.config_write(2, 0, BAR3, 4, 0)
+    assert function.maps[2][-1] is None
+
+
+def test_a_bar_past_the_bus_limit_is_not_mapped(board: BoardWithBuses) -> None:
+    function = FunctionWithBars()
+    board.root.add(function, slot=2)
+    board.config_write(2, 0, PCI_COMMAND, 2, PCI_COMMAND_MEMORY)
+    board.config_write(2, 0, BAR3, 4, MMIO_LIMIT >> 32)  # BAR2 now starts at the limit
+    assert function.maps[2][-1] is None
+
+
+def test_root_without_buses_assigns_bars_but_never_maps_them() -> None:
+    root = PciRoot()
+    function = FunctionWithBars()
+    root.add(function)
+    assert function.bar_address(0) != 0
+    function.config_write(PCI_COMMAND, 2, PCI_COMMAND_MEMORY | PCI_COMMAND_IO)
+    assert function.maps == {0: [], 2: [], 5: []}
+
+
+@pytest.mark.parametrize(
+    ("index", "size", "kind"),
+    [
+        (0, 0x1800, BarKind.MEM32),  # not a power of two
+        (0, 8, BarKind.MEM32),  # below 16 bytes
+        (0, 2, BarKind.IO),  # below 4 ports
+        (5, 0x1000, BarKind.MEM64),  # a 64-bit BAR needs two registers
+        (6, 0x1000, BarKind.MEM32),
+        (1, 0x1000, BarKind.MEM32),  # taken: BAR0 is 64-bit and uses register 1
+        (0, 1 << 32, BarKind.MEM32),
+    ],
+)
+def test_add_bar_refuses_invalid_declarations(index: int, size: int, kind: BarKind) -> None:
+    function = PciFunction(0x1234, 0x5678, 0)
+    function.add_bar(0, 0x1000, BarKind.MEM64, RegisterFile())
+    with pytest.raises(ValueError):
+        function.add_bar(index, size, kind, RegisterFile())
+
+
+# -- PciFunction: header, capability list, INTx ------------------------------------------------
+
+
+def test_function_header_identity_subsystem_and_interrupt_pin(board: BoardWithBuses) -> None:
+    function = PciFunction(
+        0x1AF4, 0x1042, 0x018000, revision=1, subsystem_vendor=0x1AF4, subsystem_id=2,
+        intx=RecordingInterrupt(), interrupt_line=11,
+    )  # fmt: skip
+    board.root.add(function, slot=4)
+    assert board.config_read(4, 0, PCI_VENDOR_ID, 4) == 0x1042_1AF4
+    assert board.config_read(4, 0, PCI_REVISION_ID, 4) == 0x0180_0001
+    assert board.config_read(4, 0, PCI_SUBSYSTEM_VENDOR_ID, 4) == 0x0002_1AF4
+    assert board.config_read(4, 0, PCI_INTERRUPT_PIN, 1) == 1  # INTA#
+    assert board.config_read(4, 0, PCI_INTERRUPT_LINE, 1) == 11
+    board.config_write(4, 0, PCI_INTERRUPT_LINE, 2, 0x0405)  # the line is the OS's, the pin not
+    assert board.config_read(4, 0, PCI_INTERRUPT_LINE, 2) == 0x0105
+    assert PciFunction(1, 2, 3).config_read(PCI_INTERRUPT_PIN, 1) == 0  # no INTx declared
+
+
+def test_capability_list_walk() -> None:
+    function = PciFunction(0x1234, 0x5678, 0)
+    assert function.config_read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST == 0
+    first = function.add_capability(0x09, bytes([7, 1, 2, 3, 4]))
+    second = function.add_capability(0x11, bytes(10))
+    third = function.add_capability(0x05, bytes([0xAA, 0xBB]))
+    assert function.config_read(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST
+    walked = []
+    pointer = function.config_read(PCI_CAPABILITY_LIST, 1)
+    while pointer:
+        assert pointer % 4 == 0 and pointer >= 0x40
+        walked.append((pointer, function.config_read(pointer, 1)))
+        pointer = function.config_read(pointer + 1, 1)
+    assert walked == [(first, 0x09), (second, 0x11), (third, 0x05)]
+    assert function.config_read(first + 2, 1) == 7
+    assert function.config_read(third + 2, 2) == 0xBBAA
+    # Read-only unless the mask says otherwise; hooks see offsets inside the capability.
+    function.config_write(first + 2, 1, 0xFF)
+    assert function.config_read(first + 2, 1) == 7
+
+
+def test_capability_hooks_and_writable_mask() -> None:
+    function = PciFunction(0x1234, 0x5678, 0)
+    seen: list[tuple[str, int, int]] = []
+    offset = function.add_capability(
+        0x09,
+        bytes(6),
+        bytes([0, 0, 0xFF, 0x0F, 0, 0]),
+        on_read=lambda off, size: seen.append(("read", off, size)),
+        on_write=lambda off, size: seen.append(("write", off, size)),
+    )
+    function.config_write(offset + 4, 2, 0xFFFF)
+    assert function.config_read(offset + 4, 2) == 0x0FFF
+    function.config_read(0x00, 4)  # outside: no hook
+    assert seen == [("write", 4, 2), ("read", 4, 2)]
+
+
+def test_capability_list_refuses_to_overflow_config_space() -> None:
+    function = PciFunction(0x1234, 0x5678, 0)
+    for _ in range(3):
+        function.add_capability(0x09, bytes(60))
+    with pytest.raises(ValueError, match="no room"):
+        function.add_capability(0x09, bytes(60))
+
+
+def test_intx_follows_the_function_and_the_interrupt_disable_bit() -> None:
+    line = RecordingInterrupt()
+    function = FunctionWithBars(intx=line)
+    function.set_intx(True)
+    assert line.level
+    assert function.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT
+    function.config_write(PCI_COMMAND, 2, PCI_COMMAND_INTX_DISABLE)
+    assert not line.level  # gated by the guest...
+    assert function.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT  # ...still requested
+    function.config_write(PCI_COMMAND, 2, 0)
+    assert line.level
+    function.set_intx(False)
+    assert not line.level
+    assert function.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT == 0
+    assert line.transitions == [True, False, True, False]
+
+
+def test_hostile_config_accesses_to_a_function_never_raise() -> None:
+    board = BoardWithBuses()
+    board.mmio.register(0xD000_0000, 0x1000, RegisterFile(), "other")
+    function = FunctionWithBars(intx=RecordingInterrupt())
+    function.add_capability(0x09, bytes(14), bytes([0xFF] * 14))
+    board.root.add(function, slot=1)
+    rng = random.Random(1234)
+    for _ in range(5000):
+        size = rng.choice((1, 2, 4, 3, 8, 0))
+        reg = rng.randrange(-4, 260)
+        value = rng.choice((0, 0xFFFF_FFFF, 0xD000_0000, rng.getrandbits(32)))
+        function.config_write(reg, size, value)
+        function.config_read(reg, size)
