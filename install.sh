@@ -10,6 +10,8 @@ DEBIAN_PACKAGES=(
     # the lab and stock guests: QEMU (TCG) for the lab, Debian's kernel and modules for both
     # the lab and nested guests, busybox and cpio for their initramfs
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio kmod
+    # tests: iasl disassembles and recompiles our ACPI tables (tests/unit/test_acpi.py)
+    acpica-tools
 )
 
 missing=()
@@ -34,9 +36,12 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # Fail here, not in the first test, if the C extension did not build.
 .venv/bin/python -c 'import iovirt._native'
-# The bundled examples' guest images: a busybox initramfs for Debian's kernel
-# (examples/minimal.toml) and the real-mode firmware of examples/hello.toml.
+# The bundled examples' guest images: a busybox initramfs for Debian's kernel with the
+# virtio-blk driver and a disk image (examples/minimal.toml), and the real-mode firmware
+# of examples/hello.toml.
 mkdir -p build
-.venv/bin/iovirt initramfs -o build/guest-initrd.img
+.venv/bin/iovirt initramfs -m virtio_blk -m virtio_pci -o build/guest-initrd.img
+# The example's virtio-blk disk: a sparse raw image (kept if it exists: it is the guest's).
+[ -f build/example-disk.img ] || truncate -s 64M build/example-disk.img
 .venv/bin/python -m iovirt.testing.asm examples/hello.S build/hello-firmware.bin
 echo "install.sh: ready (.venv/bin/iovirt)"

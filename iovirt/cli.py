@@ -65,6 +65,8 @@ def _check_lab_paths(config_path: str, config: VmConfig) -> None:
         "vm.kernel": config.vm.kernel,
         "vm.initrd": config.vm.initrd,
     }
+    for i, disk in enumerate(config.disk):
+        files[f"disk.{i}.backend.path"] = disk.backend.path
     for key, path in files.items():
         if path is None:
             continue
@@ -76,6 +78,17 @@ def _check_lab_paths(config_path: str, config: VmConfig) -> None:
                     f"{path} is under {private}, which the lab does not "
                     "share with the host; put it in another folder",
                 )
+
+
+def _disk_folders(config: VmConfig) -> list[Path]:
+    """The folders of read-write disk images: the lab mounts them writable at the same
+    path, so that what the guest writes (and flushes) is on the host's disk."""
+    folders: list[Path] = []
+    for disk in config.disk:
+        folder = Path(os.path.abspath(disk.backend.path)).parent
+        if not disk.backend.readonly and folder not in folders:
+            folders.append(folder)
+    return folders
 
 
 def _run_in_lab(args: argparse.Namespace, reason: str, config: VmConfig) -> int:
@@ -97,7 +110,9 @@ def _run_in_lab(args: argparse.Namespace, reason: str, config: VmConfig) -> int:
     # into an exception so Lab.run's clean-up kills QEMU and removes its scratch folder.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = Lab().run(inner, cwd=os.getcwd(), timeout=lab_timeout)
+        result = Lab().run(
+            inner, cwd=os.getcwd(), timeout=lab_timeout, shares=_disk_folders(config)
+        )
     except _Terminated:
         print("iovirt: terminating on signal 15; stopped the lab", file=sys.stderr)
         return 0
@@ -175,7 +190,11 @@ echo "Hello from Linux $(uname -r) on iovirt"
 echo "cpus: $(grep -c ^processor /proc/cpuinfo)"
 echo "memory: $(grep MemTotal /proc/meminfo)"
 echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
-echo "pci: $(ls /sys/bus/pci/devices)"
+echo "pci:" $(ls /sys/bus/pci/devices)
+for d in /sys/block/vd*; do
+    [ -e "$d" ] || continue
+    echo "disk: ${d##*/}, $(($(cat $d/size) / 2048)) MiB, serial $(cat $d/serial)"
+done
 """
 
 

@@ -368,9 +368,10 @@ def build_busybox_initramfs(
 
     /init mounts /proc, /sys and devtmpfs on /dev first. A module that fails to load stops
     the boot with an ``iovirt-init: FATAL`` console line and a power-off. ``extra_files``
-    maps absolute in-guest paths to contents (written mode 0755 if they start with "#!",
-    else 0644). What happens when ``init_script`` ends is up to it; falling off the end
-    makes PID 1 exit, which panics the kernel (pass ``panic=-1`` so that reboots).
+    maps absolute in-guest paths to contents (written mode 0755 if they start with "#!"
+    or are ELF executables, else 0644). What happens when ``init_script`` ends is up to
+    it; falling off the end makes PID 1 exit, which panics the kernel (pass ``panic=-1``
+    so that reboots).
     """
     image = Initramfs()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "etc"):
@@ -382,7 +383,8 @@ def build_busybox_initramfs(
             image.add_symlink(applet, "/bin/busybox")
     image.add_modules(kver, modules, modules_root)
     for path, data in (extra_files or {}).items():
-        image.add_file(path, data, 0o755 if data.startswith(b"#!") else 0o644)
+        executable = data.startswith((b"#!", b"\x7fELF"))
+        image.add_file(path, data, 0o755 if executable else 0o644)
     init = _INIT_PROLOGUE + _insmod_lines(image.module_paths) + init_script
     if not init.endswith("\n"):
         init += "\n"
@@ -397,6 +399,7 @@ def guest_test_initramfs(
     *,
     timeout: int | None = None,
     end: str = "reboot",
+    extra_files: Mapping[str, bytes] | None = None,
     busybox: Path = BUSYBOX,
     modules_root: Path = MODULES_ROOT,
 ) -> bytes:
@@ -406,8 +409,9 @@ def guest_test_initramfs(
     stdout and stderr on the console, between a line ``IOVIRT-TEST-BEGIN`` and a line
     ``IOVIRT-TEST-END rc=<N>``; then the guest syncs and, as ``end`` says, reboots
     (``reboot -f``, the default: it ends the run in every VMM we drive, QEMU with
-    -no-reboot and iovirt) or powers off (``poweroff -f``: QEMU powers off through ACPI;
-    iovirt's board has no ACPI, so Linux halts every CPU and iovirt ends the VM then).
+    -no-reboot and iovirt) or powers off (``poweroff -f``: through ACPI S5 in both; with
+    ``acpi=off`` Linux halts every CPU instead, and iovirt ends the VM then).
+    ``extra_files`` go in as with :func:`build_busybox_initramfs` (a benchmark tool, say).
     With ``timeout`` the script is killed after that many seconds (rc 137). Read the
     console back with :func:`parse_guest_test_output`.
 
@@ -436,7 +440,7 @@ exit "$rc"
         kver,
         modules,
         init,
-        {"/iovirt-test.sh": script.encode()},
+        {**(extra_files or {}), "/iovirt-test.sh": script.encode()},
         busybox=busybox,
         modules_root=modules_root,
     )
