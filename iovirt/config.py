@@ -99,11 +99,56 @@ class SerialSection(_Strict):
     log: Path | None = None
 
 
+class FileBlock(_Strict):
+    """``backend = { kind = "file", ... }``: a raw image file (or block device node)."""
+
+    kind: Literal["file"]
+    path: Path
+    readonly: bool = False
+    direct: bool = False  # O_DIRECT: bypass the host page cache
+
+
+class DiskSection(_Strict):
+    """``[[disk]]``: one disk; ``model`` is what the guest sees, ``backend`` what the host gives."""
+
+    model: Literal["virtio-blk"]
+    transport: Literal["pci", "mmio"] = "pci"  # for virtio models: virtio-pci or virtio-mmio
+    backend: FileBlock
+    serial: str = ""
+    queues: Annotated[int, Field(ge=1, le=64)] = 1
+    queue_size: int = 256
+    packed: bool = True  # offer VIRTIO_F_RING_PACKED (the driver may still choose split)
+    discard: bool = True  # offer discard and write-zeroes (read-write disks only)
+    block_size: int = 512
+
+    @field_validator("serial")
+    @classmethod
+    def _serial(cls, v: str) -> str:
+        if not v.isascii() or len(v) > 20:
+            raise ValueError("at most 20 ASCII characters (VIRTIO_BLK_ID_BYTES)")
+        return v
+
+    @field_validator("queue_size")
+    @classmethod
+    def _queue_size(cls, v: int) -> int:
+        if not 4 <= v <= 1024 or v & (v - 1):
+            raise ValueError(f"{v} is not a power of two between 4 and 1024")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int) -> int:
+        if not 512 <= v <= 65536 or v & (v - 1):
+            raise ValueError(f"{v} is not a power of two between 512 and 65536")
+        return v
+
+
 class VmConfig(_Strict):
     """A whole config file."""
 
     vm: VmSection = VmSection()
     serial: SerialSection = SerialSection()
+    disk: list[DiskSection] = []
 
 
 def _key_of(loc: tuple[int | str, ...]) -> str:
@@ -170,4 +215,10 @@ def load_config(path: str | Path) -> VmConfig:
     for key, file in files.items():
         if file is not None and not file.is_file():
             raise ConfigError(f"vm.{key}", f"{file}: no such file")
+    for i, disk in enumerate(config.disk):
+        if not disk.backend.path.exists():
+            raise ConfigError(
+                f"disk.{i}.backend.path",
+                f"{disk.backend.path}: no such file; create it (e.g. truncate -s 1G FILE)",
+            )
     return config

@@ -83,6 +83,7 @@ GUEST_CTL_DIR = "/run/iovirt-lab"  # control share: scripts in, status and outpu
 GUEST_OUT_DIR = "/out"  # results share, the caller's to use
 CTL_TAG = "labctl"
 OUT_TAG = "out"
+SHARE_TAG_PREFIX = "rw"  # writable shares mounted at their host path: rw0, rw1, ...
 HOSTROOT_TAG = "hostroot"
 
 # Environment a lab command starts from (env -i: nothing leaks in from the lab's init).
@@ -425,7 +426,13 @@ class Lab:
     # -- running -------------------------------------------------------------------------
 
     def qemu_command(
-        self, kernel: Path, initrd: Path, ctl_dir: Path, out_dir: Path, console: Path
+        self,
+        kernel: Path,
+        initrd: Path,
+        ctl_dir: Path,
+        out_dir: Path,
+        console: Path,
+        shares: Sequence[Path] = (),
     ) -> list[str]:
         append = f"{LAB_CMDLINE} {self.cmdline}".strip()
         cmd = [
@@ -461,13 +468,28 @@ class Lab:
             "-virtfs",
             f"local,path={_qemu_path_arg(out_dir)},mount_tag={OUT_TAG},security_model=none",
         ]
+        for i, share in enumerate(shares):
+            cmd += [
+                "-virtfs",
+                f"local,path={_qemu_path_arg(share)},mount_tag={SHARE_TAG_PREFIX}{i},"
+                "security_model=none",
+            ]
         if self.machine:
             cmd += ["-machine", self.machine]
         return cmd + self.qemu_args
 
-    def _run_script(self, cwd: str, env: Mapping[str, str]) -> str:
+    def _run_script(self, cwd: str, env: Mapping[str, str], shares: Sequence[Path] = ()) -> str:
         ctl = GUEST_CTL_DIR
         lines = ["#!/bin/sh", "# Written by iovirt.lab; runs inside the lab's chroot."]
+        for i, share in enumerate(shares):
+            # Over the overlay, at the same path: what the lab writes there is on the host.
+            where = shlex.quote(str(share))
+            lines.append(
+                f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 "
+                f"{SHARE_TAG_PREFIX}{i} {where}"
+                f" || {{ echo 'cannot mount the writable share '{where} >{ctl}/setup-error;"
+                " exit 0; }"
+            )
         if self.kvm:
             lines.append(
                 f"modprobe kvm_amd >{ctl}/kvm.log 2>&1 && test -c /dev/kvm"
@@ -494,6 +516,7 @@ class Lab:
         env: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         out_dir: Path | None = None,
+        shares: Sequence[Path] = (),
         keep_scratch: bool = False,
     ) -> LabResult:
         """Boot the lab, run ``command`` in it, power off and return what it did.
@@ -502,7 +525,9 @@ class Lab:
         (default: the current directory; the same path exists in the lab) with
         :data:`BASE_ENV` updated by ``env``, stdin from /dev/null. ``out_dir`` is the host
         directory to mount at /out (default: a fresh one whose files come back in
-        :attr:`LabResult.files`). The scratch directory is removed unless ``keep_scratch``.
+        :attr:`LabResult.files`). Each directory in ``shares`` is mounted writable at its
+        own path inside the lab, so that what the lab writes there (disk images) lands on
+        the host. The scratch directory is removed unless ``keep_scratch``.
         """
         # Relative to the host's current directory: the same path exists inside the lab.
         workdir = Path(cwd).absolute() if cwd is not None else Path.cwd()
@@ -512,6 +537,10 @@ class Lab:
             out_dir = out_dir.absolute()  # QEMU resolves a relative path differently
             if not out_dir.is_dir():
                 raise ResourceError(str(out_dir), "is not a directory (lab out share)")
+        shares = [Path(share).absolute() for share in shares]
+        for share in shares:
+            if not share.is_dir():
+                raise ResourceError(str(share), "is not a directory (lab writable share)")
         script = command if isinstance(command, str) else "exec " + shlex.join(command)
         full_env = {**BASE_ENV, **(env or {})}
         kernel = self.boot_kernel()
@@ -525,10 +554,10 @@ class Lab:
             share = scratch / "out" if out_dir is None else out_dir
             share.mkdir(exist_ok=True)
             (ctl_dir / "cmd.sh").write_text(script if script.endswith("\n") else script + "\n")
-            (ctl_dir / "run.sh").write_text(self._run_script(str(workdir), full_env))
+            (ctl_dir / "run.sh").write_text(self._run_script(str(workdir), full_env, shares))
             console_path = scratch / "console.log"
             qemu_log = scratch / "qemu.log"
-            cmd = self.qemu_command(kernel, initrd, ctl_dir, share, console_path)
+            cmd = self.qemu_command(kernel, initrd, ctl_dir, share, console_path, shares)
             (scratch / "qemu-command").write_text(shlex.join(cmd) + "\n")
 
             start = time.monotonic()

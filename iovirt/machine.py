@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from iovirt.backends.block import FileBlockBackend
 from iovirt.backends.char import (
     CharBackend,
     FileBackend,
@@ -17,15 +18,30 @@ from iovirt.backends.char import (
     UnixSocketBackend,
 )
 from iovirt.boot import layout
+from iovirt.boot.acpi import build_acpi_tables
 from iovirt.boot.linux import LinuxImage, load_linux, parse_bzimage, plan_linux
 from iovirt.boot.mptable import build_mptable
 from iovirt.bus.pci import CONFIG_ADDRESS_PORT, CONFIG_PORTS, PciRoot
-from iovirt.config import CharBackendConfig, FileChar, PtyChar, SocketChar, StdioChar, VmConfig
+from iovirt.config import (
+    CharBackendConfig,
+    DiskSection,
+    FileChar,
+    PtyChar,
+    SocketChar,
+    StdioChar,
+    VmConfig,
+)
+from iovirt.devices.acpi_pm import AcpiSleepRegisters
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
 from iovirt.errors import ConfigError
+from iovirt.kvm.platform import KvmPlatform
+from iovirt.virtio.blk import BlkOptions, VirtioBlk
+from iovirt.virtio.device import VirtioDevice
+from iovirt.virtio.mmio import VirtioMmioTransport
+from iovirt.virtio.pci import VirtioPciTransport
 from iovirt.vm import Vm, VmExitReason, ram_layout
 
 COM1_PORT = 0x3F8
@@ -33,6 +49,21 @@ COM1_PORTS = 8
 COM1_IRQ = 4
 I8042_IRQ = 1
 POST_PORT = 0x80  # firmware/kernel "I/O delay" writes; claimed so they are not logged
+
+# The 32-bit hole: PCI BARs get PCI_MMIO_WINDOW [start, end); virtio-mmio devices sit
+# above that, one page each, below the IOAPIC (0xFEC00000).
+PCI_MMIO_WINDOW = (0xC000_0000, 0xFC00_0000)
+VIRTIO_MMIO_BASE = 0xFC00_0000
+VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_MMIO_SIZE = 0x200
+# ISA IRQs no device on this board uses, for virtio-mmio interrupt lines (level-triggered,
+# described in the DSDT). GSIs 16-23 stay for PCI INTx (the DSDT's _PRT swizzle).
+VIRTIO_MMIO_GSIS = (5, 6, 7, 10, 11, 14, 15)
+# PCI INTx pin A of slot s goes to GSI 16 + s % 8 (the _PRT and MP table say the same).
+PCI_INTX_GSI_BASE = 16
+# The hardware-reduced ACPI sleep registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG).
+ACPI_SLEEP_PORT = 0x600
+ACPI_TABLES_ADDR = 0xE_0000  # in the reserved BIOS area, where Linux scans for the RSDP
 
 
 class _Sink:
@@ -91,14 +122,21 @@ def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
             debug_exit = DebugExit(lambda code: vm.stop(VmExitReason.GUEST_EXIT, code))
             vm.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, debug_exit, "debug-exit")
         # The PC board every guest gets: PCI bus 0 behind 0xCF8, the i8042 reset line.
-        vm.pci = PciRoot()
+        vm.pci = PciRoot(mmio=vm.mmio, pio=vm.pio, mem_window=PCI_MMIO_WINDOW)
         vm.pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS, vm.pci, "pci-root")
         i8042 = I8042(lambda: vm.stop(VmExitReason.RESET), vm.irq(I8042_IRQ))
         vm.pio.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, i8042, "i8042")
         vm.pio.register(POST_PORT, 1, _Sink(), "post")
         vm.pio.register(RTC_INDEX_PORT, RTC_PORTS, CmosRtc(), "rtc")
+        vm.pio.register(
+            ACPI_SLEEP_PORT,
+            2,
+            AcpiSleepRegisters(lambda: vm.stop(VmExitReason.POWEROFF)),
+            "acpi-sleep",
+        )
+        mmio_devices = _add_disks(vm, config.disk)
         if config.vm.kernel is not None:
-            _load_kernel(vm, config, kernel)
+            _load_kernel(vm, config, kernel, mmio_devices)
         elif config.vm.firmware is not None:
             vm.load_firmware(_read("vm.firmware", config.vm.firmware))
         else:
@@ -139,14 +177,84 @@ def check_boot_files(config: VmConfig) -> LinuxImage | None:
     return image
 
 
-def _load_kernel(vm: Vm, config: VmConfig, image: LinuxImage | None) -> None:
-    """Linux direct boot: bzImage, initrd, command line, MP table."""
+def _add_disks(vm: Vm, disks: list[DiskSection]) -> list[tuple[int, int, int]]:
+    """Plug in every ``[[disk]]``; returns the virtio-mmio windows (base, size, gsi) for
+    the ACPI tables."""
+    assert vm.pci is not None
+    platform = KvmPlatform(vm)
+    mmio_devices: list[tuple[int, int, int]] = []
+    for i, disk in enumerate(disks):
+        key = f"disk.{i}"
+        backend = FileBlockBackend(
+            disk.backend.path, readonly=disk.backend.readonly, direct=disk.backend.direct
+        )
+        try:
+            options = BlkOptions(
+                serial=disk.serial.encode(),
+                num_queues=disk.queues,
+                queue_size=disk.queue_size,
+                blk_size=disk.block_size,
+                discard=disk.discard,
+                packed=disk.packed,
+            )
+            device = VirtioBlk(backend, options)
+        except BaseException:
+            backend.close()
+            raise
+        device.attach(platform)
+        vm.add_closer(device.close)
+        _add_virtio(vm, platform, device, disk.transport, key, mmio_devices)
+    return mmio_devices
+
+
+def _add_virtio(
+    vm: Vm,
+    platform: KvmPlatform,
+    device: VirtioDevice,
+    transport: str,
+    key: str,
+    mmio_devices: list[tuple[int, int, int]],
+) -> None:
+    """Put ``device`` on the transport the config names."""
+    assert vm.pci is not None
+    if transport == "pci":
+        slot = vm.pci.free_slot()
+        if slot is None:
+            raise ConfigError(key, "no free PCI slot left on bus 0 (31 devices at most)")
+        pci = VirtioPciTransport(device, platform, intx_gsi=PCI_INTX_GSI_BASE + slot % 8)
+        vm.pci.add(pci, slot)
+        vm.add_closer(pci.close)
+        return
+    n = len(mmio_devices)
+    if n >= len(VIRTIO_MMIO_GSIS):
+        raise ConfigError(key, f"at most {len(VIRTIO_MMIO_GSIS)} virtio-mmio devices")
+    base, gsi = VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_GSIS[n]
+    mmio = VirtioMmioTransport(device, platform, base, gsi)
+    vm.mmio.register(base, VIRTIO_MMIO_SIZE, mmio, f"virtio-mmio{n} ({key})")
+    vm.add_closer(mmio.close)
+    mmio_devices.append((base, VIRTIO_MMIO_SIZE, gsi))
+
+
+def _load_kernel(
+    vm: Vm, config: VmConfig, image: LinuxImage | None, mmio_devices: list[tuple[int, int, int]]
+) -> None:
+    """Linux direct boot: bzImage, initrd, command line, ACPI tables and MP table."""
     assert config.vm.kernel is not None
     kernel_path = str(config.vm.kernel)
     if image is None:  # not already parsed by check_boot_files
         image = parse_bzimage(kernel_path, _read("vm.kernel", config.vm.kernel))
     initrd = None if config.vm.initrd is None else _read("vm.initrd", config.vm.initrd)
+    # ACPI describes the board (CPUs, IOAPIC, PCI root, virtio-mmio devices, power-off);
+    # the MP table stays for guests booted with acpi=off.
     vm.memory.write(layout.EBDA_START, build_mptable(len(vm.vcpus)))
+    tables = build_acpi_tables(
+        ACPI_TABLES_ADDR,
+        cpus=len(vm.vcpus),
+        mmio_devices=mmio_devices,
+        pci_window=PCI_MMIO_WINDOW,
+        sleep_port=ACPI_SLEEP_PORT,
+    )
+    vm.memory.write(ACPI_TABLES_ADDR, tables.blob)
     load_linux(
         vm.memory, vm.vcpus[0], image, config.vm.cmdline, initrd, str(config.vm.initrd or "")
     )
