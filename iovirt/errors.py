@@ -41,7 +41,7 @@ class ResourceError(UserError):
     def __init__(self, resource: str, problem: str) -> None:
         self.resource = resource
         self.problem = problem
-        super().__init__(f"{resource}: {problem}")
+        super().__init__(one_line(f"{resource}: {problem}"))
 
 
 class GuestMemoryError(IovirtError):

@@ -137,7 +137,11 @@ class KvmPlatform:
             if not self._free_gsis:
                 raise ResourceError("MSI vectors", f"all {MAX_MSI_GSI - FIRST_MSI_GSI} in use")
             gsi = self._free_gsis.pop()
-        return KvmMsiVector(self, gsi)
+        try:
+            return KvmMsiVector(self, gsi)
+        except BaseException:
+            self.release_gsi(gsi)  # e.g. no eventfd (EMFILE): the GSI must not leak
+            raise
 
     def release_gsi(self, gsi: int) -> None:
         with self._lock:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from iovirt.backends.block import SECTOR_SIZE, BlockBackend
+from iovirt.bus.pci import GuestAccessLog
 from iovirt.errors import IovirtError
 from iovirt.memory import GuestMemory
 from iovirt.platform import Platform
@@ -104,6 +106,11 @@ class VirtioBlk:
         self.engine: BlkEngine | None = None
         self._platform: Platform | None = None
         self._activation: Activation | None = None
+        # The host I/O loop's error callback and a vCPU's reset both use the engine: a
+        # reset must not free it (and close its error fd) under the callback.
+        self._engine_lock = threading.Lock()
+        # A guest can break a queue again after every reset: count, log only the first few.
+        self.queue_errors = GuestAccessLog("virtio-blk", log, what="broken queues")
         self.config = _CONFIG.pack(
             backend.size // SECTOR_SIZE,  # capacity, always in 512-byte sectors
             options.size_max,
@@ -204,38 +211,39 @@ class VirtioBlk:
         except BaseException:
             engine.close()
             raise
-        self.engine = engine
-        self._activation = activation
+        with self._engine_lock:
+            self.engine = engine
+            self._activation = activation
         if self._platform is not None:
             self._platform.watch(engine.error_fd, self._on_queue_error)
 
     def _on_queue_error(self) -> None:
         """A worker found a malformed ring or chain: the device needs a reset."""
-        engine, activation = self.engine, self._activation
-        if engine is None or activation is None:
-            return
-        try:
-            os.eventfd_read(engine.error_fd)
-        except BlockingIOError:
-            return
-        errors = [engine.queue_error(q) for q in range(self.num_queues)]
-        log.warning(
-            "virtio-blk: the driver broke a queue (errors %s); device needs reset",
-            [os.strerror(-e) if e else "ok" for e in errors],
-        )
+        with self._engine_lock:
+            engine, activation = self.engine, self._activation
+            if engine is None or activation is None:
+                return
+            try:
+                os.eventfd_read(engine.error_fd)
+            except BlockingIOError:
+                return
+            errors = [engine.queue_error(q) for q in range(self.num_queues)]
+        reasons = [os.strerror(-e) if e else "ok" for e in errors]
+        self.queue_errors(f"the driver broke a queue (errors {reasons}); device needs reset")
         activation.needs_reset()
 
     def reset(self) -> None:
-        engine, self.engine = self.engine, None
-        self._activation = None
-        if engine is None:
-            return
-        if self._platform is not None:
-            self._platform.unwatch(engine.error_fd)
-        try:
-            engine.close()  # stops and joins the workers first
-        except IovirtError:
-            log.exception("virtio-blk: stopping the data path failed")
+        with self._engine_lock:
+            engine, self.engine = self.engine, None
+            self._activation = None
+            if engine is None:
+                return
+            if self._platform is not None:
+                self._platform.unwatch(engine.error_fd)
+            try:
+                engine.close()  # stops and joins the workers first
+            except IovirtError:
+                log.exception("virtio-blk: stopping the data path failed")
 
     def close(self) -> None:
         """VM teardown: stop the data path (durability: completed flushes are already on

@@ -327,3 +327,179 @@ def test_messages_stay_on_one_line_when_the_config_holds_a_newline(
     tmp_path: Path, text: str
 ) -> None:
     load_error(write(tmp_path, text))
+
+
+# -- [[disk]] ---------------------------------------------------------------------------------
+
+
+def disk_doc(**fields: Any) -> dict[str, Any]:
+    """A document with one [[disk]] table: a valid one, with ``fields`` changed."""
+    table: dict[str, Any] = {
+        "model": "virtio-blk",
+        "backend": {"kind": "file", "path": "disk.img"},
+    }
+    table.update(fields)
+    return {"disk": [table]}
+
+
+def test_disk_table_with_every_key() -> None:
+    config = parse_config(
+        disk_doc(
+            transport="mmio",
+            backend={"kind": "file", "path": "/srv/a.img", "readonly": True, "direct": True},
+            serial="iovirt-0000000000001",  # exactly 20 bytes
+            queues=4,
+            queue_size=1024,
+            packed=False,
+            discard=False,
+            block_size=4096,
+        )
+    )
+    (disk,) = config.disk
+    assert disk.model == "virtio-blk"
+    assert disk.transport == "mmio"
+    assert disk.backend.kind == "file"
+    assert disk.backend.path == Path("/srv/a.img")
+    assert disk.backend.readonly and disk.backend.direct
+    assert disk.serial == "iovirt-0000000000001"
+    assert (disk.queues, disk.queue_size, disk.block_size) == (4, 1024, 4096)
+    assert not disk.packed and not disk.discard
+
+
+def test_disk_defaults() -> None:
+    (disk,) = parse_config(disk_doc()).disk
+    assert disk.transport == "pci"
+    assert not disk.backend.readonly and not disk.backend.direct
+    assert disk.serial == ""
+    assert (disk.queues, disk.queue_size, disk.block_size) == (1, 256, 512)
+    assert disk.packed and disk.discard
+    assert parse_config({}).disk == []  # no [[disk]]: no disks
+
+
+def test_several_disks_keep_their_order() -> None:
+    doc = {
+        "disk": [
+            {"model": "virtio-blk", "backend": {"kind": "file", "path": f"d{i}.img"}}
+            for i in range(3)
+        ]
+    }
+    assert [d.backend.path for d in parse_config(doc).disk] == [
+        Path("d0.img"),
+        Path("d1.img"),
+        Path("d2.img"),
+    ]
+
+
+@pytest.mark.parametrize("queue_size", [4, 16, 256, 1024])
+def test_disk_queue_sizes_accepted(queue_size: int) -> None:
+    assert parse_config(disk_doc(queue_size=queue_size)).disk[0].queue_size == queue_size
+
+
+DISK_REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
+    ("unknown model", disk_doc(model="virtio-scsi"), "disk.0.model", "'virtio-blk'"),
+    (
+        "model missing",
+        {"disk": [{"backend": {"kind": "file", "path": "x"}}]},
+        "disk.0.model",
+        "missing",
+    ),
+    (
+        "unknown backend kind",
+        disk_doc(backend={"kind": "qcow2", "path": "x.qcow2"}),
+        "disk.0.backend.kind",
+        "'file'",
+    ),
+    ("backend missing", {"disk": [{"model": "virtio-blk"}]}, "disk.0.backend", "missing"),
+    ("backend without path", disk_doc(backend={"kind": "file"}), "disk.0.backend.path", "missing"),
+    (
+        "unknown key in backend",
+        disk_doc(backend={"kind": "file", "path": "x", "cache": "none"}),
+        "disk.0.backend.cache",
+        "unknown key",
+    ),
+    ("unknown key in disk", disk_doc(bus="ide"), "disk.0.bus", "unknown key"),
+    ("unknown transport", disk_doc(transport="ccw"), "disk.0.transport", "'pci'"),
+    (
+        "queue_size not a power of two",
+        disk_doc(queue_size=100),
+        "disk.0.queue_size",
+        "power of two",
+    ),
+    ("queue_size too small", disk_doc(queue_size=2), "disk.0.queue_size", "between 4 and 1024"),
+    ("queue_size too big", disk_doc(queue_size=2048), "disk.0.queue_size", "between 4 and 1024"),
+    ("queue_size zero", disk_doc(queue_size=0), "disk.0.queue_size", "power of two"),
+    ("queues zero", disk_doc(queues=0), "disk.0.queues", "greater than or equal to 1"),
+    ("queues too many", disk_doc(queues=65), "disk.0.queues", "less than or equal to 64"),
+    ("serial too long", disk_doc(serial="x" * 21), "disk.0.serial", "at most 20"),
+    ("serial not ascii", disk_doc(serial="dísk"), "disk.0.serial", "ASCII"),
+    ("block_size odd", disk_doc(block_size=1000), "disk.0.block_size", "power of two"),
+    ("block_size small", disk_doc(block_size=256), "disk.0.block_size", "between 512"),
+    (
+        "readonly not a bool",
+        disk_doc(backend={"kind": "file", "path": "x", "readonly": "maybe"}),
+        "disk.0.backend.readonly",
+        "boolean",
+    ),
+    ("disk not a list", {"disk": {"model": "virtio-blk"}}, "disk", "list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "fragment"),
+    [r[1:] for r in DISK_REJECTED],
+    ids=[r[0] for r in DISK_REJECTED],
+)
+def test_disk_errors_name_the_dotted_key(document: dict[str, Any], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(document)
+    err = exc.value
+    assert err.key == key
+    assert one_line(err).startswith(f"config: {key}: ")
+    assert fragment in err.problem
+
+
+def test_second_disk_error_names_its_index() -> None:
+    good = {"model": "virtio-blk", "backend": {"kind": "file", "path": "a.img"}}
+    bad = {"model": "virtio-blk", "backend": {"kind": "file", "path": "b.img"}, "queue_size": 3}
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"disk": [good, bad]})
+    assert exc.value.key == "disk.1.queue_size"
+
+
+def test_load_config_with_a_disk(tmp_path: Path, kernel: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    cfg = write(
+        tmp_path,
+        f'[vm]\nkernel = "{kernel}"\n\n[[disk]]\nmodel = "virtio-blk"\n'
+        f'backend = {{ kind = "file", path = "{image}", readonly = true }}\n',
+    )
+    (disk,) = load_config(cfg).disk
+    assert disk.backend.path == image
+    assert disk.backend.readonly
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_load_config_missing_image_names_the_disk(tmp_path: Path, kernel: Path, index: int) -> None:
+    present = tmp_path / "present.img"
+    present.write_bytes(bytes(4096))
+    missing = tmp_path / "missing.img"
+    images = [missing, present] if index == 0 else [present, missing]
+    disks = "".join(
+        f'[[disk]]\nmodel = "virtio-blk"\nbackend = {{ kind = "file", path = "{image}" }}\n'
+        for image in images
+    )
+    err = load_error(write(tmp_path, f'[vm]\nkernel = "{kernel}"\n' + disks))
+    assert err.key == f"disk.{index}.backend.path"
+    assert str(missing) in err.problem
+    assert "no such file" in err.problem
+    assert str(err).startswith(f"config: disk.{index}.backend.path: ")
+
+
+def test_load_config_missing_image_with_a_newline_is_one_line(tmp_path: Path, kernel: Path) -> None:
+    text = (
+        f'[vm]\nkernel = "{kernel}"\n[[disk]]\nmodel = "virtio-blk"\n'
+        'backend = { kind = "file", path = "/no/such\\ndisk.img" }\n'
+    )
+    err = load_error(write(tmp_path, text))  # load_error checks the message is one line
+    assert err.key == "disk.0.backend.path"
