@@ -464,6 +464,50 @@ int iov_blk_error_fd(const struct iov_blk *blk);
 int iov_blk_queue_error(const struct iov_blk *blk, unsigned q);
 void iov_blk_get_stats(const struct iov_blk *blk, struct iov_blk_stats *out);
 void iov_blk_free(struct iov_blk *blk);
+
+/* ---- the virtio-net data path (csrc/net.h) ---- */
+#define IOV_NET_MAX_PAIRS ...
+#define IOV_NET_MAX_FILTER_MACS ...
+#define IOV_NET_MAX_PACKET ...
+
+struct iov_net_config {
+    uint32_t hdr_len;
+    uint8_t mrg_rxbuf;
+    ...;
+};
+
+struct iov_net_filter {
+    uint8_t promisc, allmulti, alluni, nomulti, nouni, nobcast;
+    uint32_t n_unicast;
+    uint32_t n_multicast;
+    uint8_t unicast[...][6];
+    uint8_t multicast[...][6];
+    ...;
+};
+
+struct iov_net_stats {
+    uint64_t rx_packets, rx_bytes, rx_dropped_filter, rx_dropped_nobuf_or_short;
+    uint64_t tx_packets, tx_bytes, tx_errors;
+    uint64_t notifications;
+    ...;
+};
+
+struct iov_net;
+
+struct iov_net *iov_net_new(const struct iov_mem *mem, const struct iov_net_config *config,
+                            unsigned npairs);
+int iov_net_setup_queue(struct iov_net *net, unsigned q, uint16_t size, uint32_t flags,
+                        uint64_t desc_gpa, uint64_t driver_gpa, uint64_t device_gpa, int kick_fd,
+                        int call_fd);
+int iov_net_set_backend(struct iov_net *net, unsigned pair, int fd);
+int iov_net_start_pair(struct iov_net *net, unsigned pair);
+int iov_net_process_pair(struct iov_net *net, unsigned pair);
+void iov_net_set_filter(struct iov_net *net, const struct iov_net_filter *filter);
+void iov_net_stop(struct iov_net *net);
+int iov_net_error_fd(const struct iov_net *net);
+int iov_net_queue_error(const struct iov_net *net, unsigned q);
+void iov_net_get_stats(const struct iov_net *net, struct iov_net_stats *out);
+void iov_net_free(struct iov_net *net);
 """
 
 # The payload structs mirror members of kvm_run's anonymous union; the accessors hand
@@ -476,6 +520,7 @@ SOURCE = r"""
 #include "native.h"
 #include "virtqueue.h"
 #include "blk.h"
+#include "net.h"
 
 _Static_assert(E820_MAX_ENTRIES_ZEROPAGE == 128, "e820_table size");
 
@@ -512,9 +557,9 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "iovirt._native",
     SOURCE,
-    sources=["csrc/kvm_helpers.c", "csrc/virtqueue.c", "csrc/blk.c"],
+    sources=["csrc/kvm_helpers.c", "csrc/virtqueue.c", "csrc/blk.c", "csrc/net.c"],
     include_dirs=["csrc"],
-    # The blk data path runs its own worker threads.
+    # The blk and net data paths run their own worker threads.
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
     extra_link_args=["-pthread"],
     libraries=["pthread"],
