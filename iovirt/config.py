@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from iovirt.errors import ConfigError
 
@@ -99,6 +99,16 @@ class SerialSection(_Strict):
     log: Path | None = None
 
 
+def _queue_size(v: int) -> int:
+    """A virtqueue size the transports offer: a power of two, 4-1024."""
+    if not 4 <= v <= 1024 or v & (v - 1):
+        raise ValueError(f"{v} is not a power of two between 4 and 1024")
+    return v
+
+
+QueueSize = Annotated[int, AfterValidator(_queue_size)]
+
+
 class FileBlock(_Strict):
     """``backend = { kind = "file", ... }``: a raw image file (or block device node)."""
 
@@ -116,7 +126,7 @@ class DiskSection(_Strict):
     backend: FileBlock
     serial: str = ""
     queues: Annotated[int, Field(ge=1, le=64)] = 1
-    queue_size: int = 256
+    queue_size: QueueSize = 256
     packed: bool = True  # offer VIRTIO_F_RING_PACKED (the driver may still choose split)
     discard: bool = True  # offer discard and write-zeroes (read-write disks only)
     block_size: int = 512
@@ -128,18 +138,53 @@ class DiskSection(_Strict):
             raise ValueError("at most 20 ASCII characters (VIRTIO_BLK_ID_BYTES)")
         return v
 
-    @field_validator("queue_size")
-    @classmethod
-    def _queue_size(cls, v: int) -> int:
-        if not 4 <= v <= 1024 or v & (v - 1):
-            raise ValueError(f"{v} is not a power of two between 4 and 1024")
-        return v
-
     @field_validator("block_size")
     @classmethod
     def _block_size(cls, v: int) -> int:
         if not 512 <= v <= 65536 or v & (v - 1):
             raise ValueError(f"{v} is not a power of two between 512 and 65536")
+        return v
+
+
+class TapNet(_Strict):
+    """``backend = { kind = "tap", ... }``: a tap device, opened or created."""
+
+    kind: Literal["tap"]
+    ifname: str | None = None  # None: the kernel names it (tapN)
+    netns: str | None = None  # the network namespace the tap lives in (must exist)
+    bridge: str | None = None  # attach the tap to this bridge (in the same netns)
+
+    @field_validator("ifname")
+    @classmethod
+    def _ifname(cls, v: str | None) -> str | None:
+        if v is not None and (not 1 <= len(v) <= 15 or "/" in v or v.strip() != v):
+            raise ValueError(f"{v!r} is not an interface name (1-15 characters, no '/')")
+        return v
+
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class NicSection(_Strict):
+    """``[[nic]]``: one network card."""
+
+    model: Literal["virtio-net"]
+    transport: Literal["pci", "mmio"] = "pci"
+    mac: str | None = None  # default: 52:54:00:12:34:56 plus the NIC's index
+    backend: TapNet
+    queues: Annotated[int, Field(ge=1, le=16)] = 1  # queue pairs (VIRTIO_NET_F_MQ if > 1)
+    queue_size: QueueSize = 256
+    packed: bool = True
+    mtu: Annotated[int, Field(ge=68, le=65535)] | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not _MAC_RE.match(v):
+                raise ValueError(f"{v!r} is not a MAC address like 52:54:00:12:34:56")
+            if int(v[:2], 16) & 1:
+                raise ValueError(f"{v} is a multicast address; a NIC needs a unicast MAC")
         return v
 
 
@@ -149,6 +194,10 @@ class VmConfig(_Strict):
     vm: VmSection = VmSection()
     serial: SerialSection = SerialSection()
     disk: list[DiskSection] = []
+    nic: list[NicSection] = []
+
+
+_BACKEND_KINDS = ("stdio", "file", "socket", "pty", "null", "tap")
 
 
 def _key_of(loc: tuple[int | str, ...]) -> str:
@@ -157,7 +206,7 @@ def _key_of(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc]
     out: list[str] = []
     for i, p in enumerate(parts):
-        if i > 0 and parts[i - 1] == "backend" and p in ("stdio", "file", "socket", "pty", "null"):
+        if i > 0 and parts[i - 1] == "backend" and p in _BACKEND_KINDS:
             continue
         out.append(p)
     return ".".join(out) or "(top level)"

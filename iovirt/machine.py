@@ -17,6 +17,7 @@ from iovirt.backends.char import (
     StdioBackend,
     UnixSocketBackend,
 )
+from iovirt.backends.tap import TapBackend
 from iovirt.boot import layout
 from iovirt.boot.acpi import build_acpi_tables
 from iovirt.boot.linux import LinuxImage, load_linux, parse_bzimage, plan_linux
@@ -26,6 +27,7 @@ from iovirt.config import (
     CharBackendConfig,
     DiskSection,
     FileChar,
+    NicSection,
     PtyChar,
     SocketChar,
     StdioChar,
@@ -41,6 +43,7 @@ from iovirt.kvm.platform import KvmPlatform
 from iovirt.virtio.blk import BlkOptions, VirtioBlk
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.mmio import VirtioMmioTransport
+from iovirt.virtio.net import NetOptions, VirtioNet, parse_mac
 from iovirt.virtio.pci import VirtioPciTransport
 from iovirt.vm import Vm, VmExitReason, ram_layout
 
@@ -63,6 +66,8 @@ VIRTIO_MMIO_GSIS = (5, 6, 7, 10, 11, 14, 15)
 PCI_INTX_GSI_BASE = 16
 # The hardware-reduced ACPI sleep registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG).
 ACPI_SLEEP_PORT = 0x600
+# NICs without a configured MAC get this one plus their index (QEMU's default too).
+DEFAULT_MAC = bytes.fromhex("525400123456")
 ACPI_TABLES_ADDR = 0xE_0000  # in the reserved BIOS area, where Linux scans for the RSDP
 
 
@@ -134,7 +139,10 @@ def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
             AcpiSleepRegisters(lambda: vm.stop(VmExitReason.POWEROFF)),
             "acpi-sleep",
         )
-        mmio_devices = _add_disks(vm, config.disk)
+        platform = KvmPlatform(vm)
+        mmio_devices: list[tuple[int, int, int]] = []
+        _add_disks(vm, platform, config.disk, mmio_devices)
+        _add_nics(vm, platform, config.nic, mmio_devices)
         if config.vm.kernel is not None:
             _load_kernel(vm, config, kernel, mmio_devices)
         elif config.vm.firmware is not None:
@@ -177,12 +185,14 @@ def check_boot_files(config: VmConfig) -> LinuxImage | None:
     return image
 
 
-def _add_disks(vm: Vm, disks: list[DiskSection]) -> list[tuple[int, int, int]]:
-    """Plug in every ``[[disk]]``; returns the virtio-mmio windows (base, size, gsi) for
-    the ACPI tables."""
-    assert vm.pci is not None
-    platform = KvmPlatform(vm)
-    mmio_devices: list[tuple[int, int, int]] = []
+def _add_disks(
+    vm: Vm,
+    platform: KvmPlatform,
+    disks: list[DiskSection],
+    mmio_devices: list[tuple[int, int, int]],
+) -> None:
+    """Plug in every ``[[disk]]``; virtio-mmio windows (base, size, gsi) are appended to
+    ``mmio_devices`` for the ACPI tables."""
     for i, disk in enumerate(disks):
         key = f"disk.{i}"
         backend = FileBlockBackend(
@@ -204,7 +214,37 @@ def _add_disks(vm: Vm, disks: list[DiskSection]) -> list[tuple[int, int, int]]:
         device.attach(platform)
         vm.add_closer(device.close)
         _add_virtio(vm, platform, device, disk.transport, key, mmio_devices)
-    return mmio_devices
+
+
+def _add_nics(
+    vm: Vm,
+    platform: KvmPlatform,
+    nics: list[NicSection],
+    mmio_devices: list[tuple[int, int, int]],
+) -> None:
+    """Plug in every ``[[nic]]`` (see :func:`_add_disks`)."""
+    for i, nic in enumerate(nics):
+        key = f"nic.{i}"
+        mac = DEFAULT_MAC[:5] + bytes([(DEFAULT_MAC[5] + i) & 0xFF])
+        if nic.mac is not None:
+            mac = parse_mac(nic.mac)
+        tap = nic.backend
+        backend = TapBackend(tap.ifname, netns=tap.netns, bridge=tap.bridge, queues=nic.queues)
+        try:
+            options = NetOptions(
+                mac=mac,
+                queue_pairs=nic.queues,
+                queue_size=nic.queue_size,
+                mtu=nic.mtu,
+                packed=nic.packed,
+            )
+            device = VirtioNet(backend, options)
+        except BaseException:
+            backend.close()
+            raise
+        device.attach(platform)
+        vm.add_closer(device.close)
+        _add_virtio(vm, platform, device, nic.transport, key, mmio_devices)
 
 
 def _add_virtio(
