@@ -30,6 +30,7 @@ from iovirt.backends.net import (
     VNET_HDR_LEN,
     NetBackend,
 )
+from iovirt.bus.pci import GuestAccessLog
 from iovirt.errors import IovirtError
 from iovirt.platform import Platform
 from iovirt.virtio.blk import queue_flags
@@ -149,19 +150,35 @@ class VirtioNet:
         self.options = options
         self.max_pairs = options.queue_pairs
         self.num_queues = 2 * options.queue_pairs + 1  # rx/tx pairs, then the control queue
+        # Where the control queue sits with VIRTIO_NET_F_MQ; without it the driver uses one
+        # pair and the control queue is queue 2 (5.1.2), see ``_ctrl_index``.
         self.ctrl_queue = 2 * options.queue_pairs
         self.queue_max_size = options.queue_size
         self.mac = options.mac
+        # The host I/O loop's callbacks (queue errors, control requests) and a vCPU's reset
+        # all use the engine and the control queue: a reset must wait until a callback is
+        # done with them, or the callback would use a freed engine, closed kick fds, or
+        # write a used entry into rings the driver has already taken back.
         self._lock = threading.Lock()
         self._platform: Platform | None = None
         self.engine: NetEngine | None = None
         self._activation: Activation | None = None
         self._ctrl: PyVirtQueue | None = None
+        self._ctrl_index = self.ctrl_queue
         self._filter = NetFilter(promisc=True)
+        # The receive modes as the driver set them; the filter may widen them when a MAC
+        # table overflows, which must not outlive the overflowing table.
+        self._modes = _initial_modes()
         self._unicast_table: list[bytes] = []  # VIRTIO_NET_CTRL_MAC_TABLE_SET's unicast list
+        self._multicast_table: list[bytes] = []
         self.active_pairs = 1
         self.ctrl_requests = 0
         self.ctrl_errors = 0
+        # A guest can break a queue again after every reset: count, log only the first few.
+        self.queue_errors = GuestAccessLog("virtio-net", log, what="broken queues")
+        # Control requests the host refused (a tap queue that cannot attach); the guest can
+        # repeat them at will, so they are counted and logged the same way.
+        self.host_errors = GuestAccessLog("virtio-net", log, what="refused control requests")
 
     def attach(self, platform: Platform) -> None:
         """Remember the platform: the control queue and error fds are watched on its loop."""
@@ -193,6 +210,9 @@ class VirtioNet:
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CTRL_VQ
             | 1 << VIRTIO_NET_F_CTRL_RX
+            # The engine's filter has the ALLUNI/NOMULTI/NOUNI/NOBCAST modes too; a driver
+            # may only use them once this is negotiated.
+            | 1 << VIRTIO_NET_F_CTRL_RX_EXTRA
             | 1 << VIRTIO_NET_F_CTRL_MAC_ADDR
             # What the guest sends: a tap with a vnet header takes partial checksums and
             # TSO frames and lets the host stack finish them.
@@ -227,6 +247,7 @@ class VirtioNet:
         )
         flags = queue_flags(features)
         pairs = self.max_pairs if activation.has(VIRTIO_NET_F_MQ) else 1
+        ctrl_index = 2 * pairs  # 5.1.2: the control queue follows the pairs in use
         engine = NetEngine(activation.memory, config, pairs)
         try:
             started = []
@@ -250,7 +271,9 @@ class VirtioNet:
             # A reset device receives everything until the driver sets its receive modes
             # (QEMU starts promiscuous too); the MAC is the configured one again.
             self.mac = self.options.mac
+            self._modes = _initial_modes()
             self._unicast_table = []
+            self._multicast_table = []
             self._filter = NetFilter(promisc=True)
             engine.set_filter(self._filter)
             self.backend.set_offloads(_tun_offloads(features))
@@ -259,8 +282,8 @@ class VirtioNet:
             for pair in started:
                 engine.start_pair(pair)
             ctrl = None
-            if activation.has(VIRTIO_NET_F_CTRL_VQ) and activation.queues[self.ctrl_queue].enabled:
-                queue = activation.queues[self.ctrl_queue]
+            if activation.has(VIRTIO_NET_F_CTRL_VQ) and activation.queues[ctrl_index].enabled:
+                queue = activation.queues[ctrl_index]
                 ctrl = PyVirtQueue(
                     activation.memory, queue.size, flags, queue.desc, queue.driver, queue.device
                 )
@@ -271,26 +294,30 @@ class VirtioNet:
             self.engine = engine
             self._activation = activation
             self._ctrl = ctrl
+            self._ctrl_index = ctrl_index
         if self._platform is not None:
             self._platform.watch(engine.error_fd, self._on_queue_error)
             if ctrl is not None:
-                self._platform.watch(activation.kick_fds[self.ctrl_queue], self._on_ctrl_kick)
+                self._platform.watch(activation.kick_fds[ctrl_index], self._on_ctrl_kick)
 
     def reset(self) -> None:
         with self._lock:
+            # The config space shows the configured MAC again (a driver probing after the
+            # reset reads it before any MAC_ADDR_SET), as after power-on.
+            self.mac = self.options.mac
             engine, self.engine = self.engine, None
             activation, self._activation = self._activation, None
             self._ctrl = None
-        if engine is None:
-            return
-        if self._platform is not None:
-            self._platform.unwatch(engine.error_fd)
-            if activation is not None:
-                self._platform.unwatch(activation.kick_fds[self.ctrl_queue])
-        try:
-            engine.close()  # stops and joins the workers first
-        except IovirtError:
-            log.exception("virtio-net: stopping the data path failed")
+            if engine is None:
+                return
+            if self._platform is not None:
+                self._platform.unwatch(engine.error_fd)
+                if activation is not None:
+                    self._platform.unwatch(activation.kick_fds[self._ctrl_index])
+            try:
+                engine.close()  # stops and joins the workers first
+            except IovirtError:
+                log.exception("virtio-net: stopping the data path failed")
 
     def close(self) -> None:
         """VM teardown: stop the data path and close the backend (a tap we created goes)."""
@@ -302,28 +329,31 @@ class VirtioNet:
     def _on_queue_error(self) -> None:
         with self._lock:
             engine, activation = self.engine, self._activation
-        if engine is None or activation is None:
-            return
-        try:
-            os.eventfd_read(engine.error_fd)
-        except BlockingIOError:
-            return
-        log.warning("virtio-net: the driver broke a queue; device needs reset")
+            if engine is None or activation is None:
+                return
+            try:
+                os.eventfd_read(engine.error_fd)
+            except BlockingIOError:
+                return
+            errors = [engine.queue_error(q) for q in range(2 * engine.npairs)]
+        reasons = [os.strerror(-e) if e else "ok" for e in errors]
+        self.queue_errors(f"the driver broke a queue (errors {reasons}); device needs reset")
         activation.needs_reset()
 
     def _on_ctrl_kick(self) -> None:
         with self._lock:
             ctrl, activation = self._ctrl, self._activation
-        if activation is None:
-            return
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(activation.kick_fds[self.ctrl_queue])
-        if ctrl is None:
-            return
-        self.process_ctrl(ctrl, activation)
+            if activation is None:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(activation.kick_fds[self._ctrl_index])
+            if ctrl is None or ctrl.broken:
+                return  # a broken queue was reported once; it stays so until the reset
+            self.process_ctrl(ctrl, activation)
 
     def process_ctrl(self, ctrl: PyVirtQueue, activation: Activation) -> int:
-        """Serve up to MAX_CTRL_BATCH control requests; returns how many."""
+        """Serve up to MAX_CTRL_BATCH control requests; returns how many. The host I/O
+        loop calls it with the device's lock held."""
         served = 0
         try:
             while served < MAX_CTRL_BATCH:
@@ -339,13 +369,14 @@ class VirtioNet:
                 served += 1
             ctrl.flush_used()
             if served and ctrl.needs_notification():
-                os.eventfd_write(activation.call_fds[self.ctrl_queue], 1)
+                os.eventfd_write(activation.call_fds[self._ctrl_index], 1)
         except VirtQueueError as err:
-            log.warning("virtio-net: control queue broken (%s); device needs reset", err)
+            self.queue_errors(f"control queue broken ({err}); device needs reset")
             activation.needs_reset()
+            return served
         if served == MAX_CTRL_BATCH:
             # More may be waiting: come back on the next loop iteration, not in this one.
-            os.eventfd_write(activation.kick_fds[self.ctrl_queue], 1)
+            os.eventfd_write(activation.kick_fds[self._ctrl_index], 1)
         return served
 
     def _ctrl_command(self, chain: DescriptorChain, activation: Activation) -> int:
@@ -358,7 +389,7 @@ class VirtioNet:
         cls, cmd, data = request[0], request[1], request[2:]
         ok = False
         if cls == VIRTIO_NET_CTRL_RX and activation.has(VIRTIO_NET_F_CTRL_RX):
-            ok = self._ctrl_rx(cmd, data)
+            ok = self._ctrl_rx(cmd, data, activation.has(VIRTIO_NET_F_CTRL_RX_EXTRA))
         elif cls == VIRTIO_NET_CTRL_MAC:
             ok = self._ctrl_mac(cmd, data, activation)
         elif cls == VIRTIO_NET_CTRL_MQ and activation.has(VIRTIO_NET_F_MQ):
@@ -367,19 +398,23 @@ class VirtioNet:
             self.ctrl_errors += 1
         return VIRTIO_NET_OK if ok else VIRTIO_NET_ERR
 
-    def _ctrl_rx(self, cmd: int, data: bytes) -> bool:
+    def _ctrl_rx(self, cmd: int, data: bytes, extra: bool) -> bool:
         names = {
             VIRTIO_NET_CTRL_RX_PROMISC: "promisc",
             VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti",
-            VIRTIO_NET_CTRL_RX_ALLUNI: "alluni",
-            VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
-            VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
-            VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast",
         }
+        if extra:  # commands 2-5 come with VIRTIO_NET_F_CTRL_RX_EXTRA
+            names |= {
+                VIRTIO_NET_CTRL_RX_ALLUNI: "alluni",
+                VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+                VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
+                VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast",
+            }
         name = names.get(cmd)
         if name is None or len(data) != 1:
             return False
-        self._set_filter(modes={name: bool(data[0])})
+        self._modes[name] = bool(data[0])
+        self._set_filter()
         return True
 
     def _ctrl_mac(self, cmd: int, data: bytes, activation: Activation) -> bool:
@@ -404,9 +439,8 @@ class VirtioNet:
             at += 6 * entries
         if at != len(data):
             return False
-        unicast, multicast = tables
-        self._unicast_table = unicast
-        self._set_filter(multicast=multicast)
+        self._unicast_table, self._multicast_table = tables
+        self._set_filter()
         return True
 
     def _ctrl_mq(self, cmd: int, data: bytes) -> bool:
@@ -415,39 +449,51 @@ class VirtioNet:
         (pairs,) = struct.unpack("<H", data)
         if not VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= pairs <= self.max_pairs:
             return False
+        try:
+            self.backend.set_active_pairs(pairs)
+        except (IovirtError, ValueError) as e:
+            # The host refused (a tap queue that cannot attach): the driver gets ERR and
+            # keeps the pairs it had; the VMM goes on.
+            self.host_errors(f"setting {pairs} active queue pairs failed: {e}")
+            return False
         self.active_pairs = pairs
-        self.backend.set_active_pairs(pairs)
         return True
 
-    def _set_filter(
-        self, modes: dict[str, bool] | None = None, multicast: list[bytes] | None = None
-    ) -> None:
-        """Rebuild the engine's receive filter from the modes (those not given keep their
-        value), our MAC and the tables."""
-        modes = modes or {}
-        current = self._filter
+    def _set_filter(self) -> None:
+        """Rebuild the engine's receive filter from the driver's modes, our MAC and the
+        tables (the caller holds the lock: the control queue is served under it)."""
+        modes = self._modes
         unicast = [self.mac, *self._unicast_table]
-        multicast = current.multicast if multicast is None else multicast
-        alluni = modes.get("alluni", current.alluni)
-        allmulti = modes.get("allmulti", current.allmulti)
+        multicast = self._multicast_table
+        alluni, allmulti = modes["alluni"], modes["allmulti"]
         if len(unicast) > MAX_FILTER_MACS:
             unicast, alluni = unicast[:1], True
         if len(multicast) > MAX_FILTER_MACS:
             multicast, allmulti = [], True
         self._filter = NetFilter(
-            promisc=modes.get("promisc", current.promisc),
+            promisc=modes["promisc"],
             allmulti=allmulti,
             alluni=alluni,
-            nomulti=modes.get("nomulti", current.nomulti),
-            nouni=modes.get("nouni", current.nouni),
-            nobcast=modes.get("nobcast", current.nobcast),
+            nomulti=modes["nomulti"],
+            nouni=modes["nouni"],
+            nobcast=modes["nobcast"],
             unicast=unicast,
             multicast=list(multicast),
         )
-        with self._lock:
-            engine = self.engine
-        if engine is not None:
-            engine.set_filter(self._filter)
+        if self.engine is not None:
+            self.engine.set_filter(self._filter)
+
+
+def _initial_modes() -> dict[str, bool]:
+    """The receive modes after a reset: promiscuous until the driver says otherwise."""
+    return {
+        "promisc": True,
+        "allmulti": False,
+        "alluni": False,
+        "nomulti": False,
+        "nouni": False,
+        "nobcast": False,
+    }
 
 
 def _tun_offloads(features: int) -> int:

@@ -503,3 +503,147 @@ def test_load_config_missing_image_with_a_newline_is_one_line(tmp_path: Path, ke
     )
     err = load_error(write(tmp_path, text))  # load_error checks the message is one line
     assert err.key == "disk.0.backend.path"
+
+
+# -- [[nic]] ----------------------------------------------------------------------------------
+
+
+def nic_doc(**fields: Any) -> dict[str, Any]:
+    """A document with one [[nic]] table: a valid one, with ``fields`` changed."""
+    table: dict[str, Any] = {"model": "virtio-net", "backend": {"kind": "tap"}}
+    table.update(fields)
+    return {"nic": [table]}
+
+
+def test_nic_table_with_every_key() -> None:
+    config = parse_config(
+        nic_doc(
+            transport="mmio",
+            mac="02:AB:cd:00:00:01",
+            backend={"kind": "tap", "ifname": "tap-iovirt0", "netns": "lab", "bridge": "br0"},
+            queues=16,
+            queue_size=1024,
+            packed=False,
+            mtu=9000,
+        )
+    )
+    (nic,) = config.nic
+    assert nic.model == "virtio-net"
+    assert nic.transport == "mmio"
+    assert nic.mac == "02:AB:cd:00:00:01"
+    assert nic.backend.kind == "tap"
+    assert (nic.backend.ifname, nic.backend.netns, nic.backend.bridge) == (
+        "tap-iovirt0",
+        "lab",
+        "br0",
+    )
+    assert (nic.queues, nic.queue_size, nic.mtu) == (16, 1024, 9000)
+    assert not nic.packed
+
+
+def test_nic_defaults() -> None:
+    (nic,) = parse_config(nic_doc()).nic
+    assert nic.transport == "pci"
+    assert nic.mac is None  # the board numbers default MACs per NIC
+    assert nic.backend.ifname is None and nic.backend.netns is None and nic.backend.bridge is None
+    assert (nic.queues, nic.queue_size, nic.mtu) == (1, 256, None)
+    assert nic.packed
+    assert parse_config({}).nic == []  # no [[nic]]: no NICs
+
+
+@pytest.mark.parametrize(("queues", "mtu"), [(1, 68), (16, 65535)])
+def test_nic_limits_are_accepted(queues: int, mtu: int) -> None:
+    (nic,) = parse_config(nic_doc(queues=queues, mtu=mtu)).nic
+    assert (nic.queues, nic.mtu) == (queues, mtu)
+
+
+NIC_REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
+    ("unknown model", nic_doc(model="rtl8139"), "nic.0.model", "'virtio-net'"),
+    ("model missing", {"nic": [{"backend": {"kind": "tap"}}]}, "nic.0.model", "missing"),
+    ("backend missing", {"nic": [{"model": "virtio-net"}]}, "nic.0.backend", "missing"),
+    ("unknown backend kind", nic_doc(backend={"kind": "vde"}), "nic.0.backend.kind", "'tap'"),
+    ("backend without kind", nic_doc(backend={"ifname": "tap0"}), "nic.0.backend.kind", "missing"),
+    (
+        "unknown key in backend",
+        nic_doc(backend={"kind": "tap", "queues": 2}),
+        "nic.0.backend.queues",
+        "unknown key",
+    ),
+    ("unknown key in nic", nic_doc(vlan=5), "nic.0.vlan", "unknown key"),
+    ("unknown transport", nic_doc(transport="ccw"), "nic.0.transport", "'pci'"),
+    ("mac too short", nic_doc(mac="52:54:00:12:34"), "nic.0.mac", "not a MAC address"),
+    ("mac with dashes", nic_doc(mac="52-54-00-12-34-56"), "nic.0.mac", "not a MAC address"),
+    ("mac not hex", nic_doc(mac="52:54:00:12:34:zz"), "nic.0.mac", "not a MAC address"),
+    ("mac without colons", nic_doc(mac="525400123456"), "nic.0.mac", "not a MAC address"),
+    ("mac a number", nic_doc(mac=5), "nic.0.mac", "string"),
+    ("multicast mac", nic_doc(mac="01:00:5e:00:00:01"), "nic.0.mac", "multicast"),
+    ("broadcast mac", nic_doc(mac="ff:ff:ff:ff:ff:ff"), "nic.0.mac", "multicast"),
+    (
+        "ifname too long",
+        nic_doc(backend={"kind": "tap", "ifname": "t" * 16}),
+        "nic.0.backend.ifname",
+        "not an interface name",
+    ),
+    (
+        "ifname empty",
+        nic_doc(backend={"kind": "tap", "ifname": ""}),
+        "nic.0.backend.ifname",
+        "not an interface name",
+    ),
+    (
+        "ifname with a slash",
+        nic_doc(backend={"kind": "tap", "ifname": "tap/0"}),
+        "nic.0.backend.ifname",
+        "not an interface name",
+    ),
+    (
+        "ifname with spaces",
+        nic_doc(backend={"kind": "tap", "ifname": " tap0"}),
+        "nic.0.backend.ifname",
+        "not an interface name",
+    ),
+    ("queues zero", nic_doc(queues=0), "nic.0.queues", "greater than or equal to 1"),
+    ("queues too many", nic_doc(queues=17), "nic.0.queues", "less than or equal to 16"),
+    ("queue_size odd", nic_doc(queue_size=100), "nic.0.queue_size", "power of two"),
+    ("queue_size too big", nic_doc(queue_size=2048), "nic.0.queue_size", "between 4 and 1024"),
+    ("mtu too small", nic_doc(mtu=67), "nic.0.mtu", "greater than or equal to 68"),
+    ("mtu too big", nic_doc(mtu=65536), "nic.0.mtu", "less than or equal to 65535"),
+    ("packed not a bool", nic_doc(packed="maybe"), "nic.0.packed", "boolean"),
+    ("nic not a list", {"nic": {"model": "virtio-net"}}, "nic", "list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "fragment"),
+    [r[1:] for r in NIC_REJECTED],
+    ids=[r[0] for r in NIC_REJECTED],
+)
+def test_nic_errors_name_the_dotted_key(document: dict[str, Any], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(document)
+    err = exc.value
+    assert err.key == key
+    assert one_line(err).startswith(f"config: {key}: ")
+    assert fragment in err.problem
+    assert "Value error" not in str(err)
+
+
+def test_second_nic_error_names_its_index() -> None:
+    good = {"model": "virtio-net", "backend": {"kind": "tap"}}
+    bad = {"model": "virtio-net", "backend": {"kind": "tap"}, "mac": "03:00:00:00:00:01"}
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"nic": [good, bad]})
+    assert exc.value.key == "nic.1.mac"
+
+
+def test_load_config_with_a_nic(tmp_path: Path, kernel: Path) -> None:
+    cfg = write(
+        tmp_path,
+        f'[vm]\nkernel = "{kernel}"\n\n[[nic]]\nmodel = "virtio-net"\n'
+        'mac = "52:54:00:12:34:57"\nqueues = 2\n'
+        'backend = { kind = "tap", ifname = "tap0", netns = "iovirt-test" }\n',
+    )
+    (nic,) = load_config(cfg).nic
+    assert nic.mac == "52:54:00:12:34:57"
+    assert nic.queues == 2
+    assert (nic.backend.ifname, nic.backend.netns) == ("tap0", "iovirt-test")
