@@ -121,7 +121,7 @@ class FileBlock(_Strict):
 class DiskSection(_Strict):
     """``[[disk]]``: one disk; ``model`` is what the guest sees, ``backend`` what the host gives."""
 
-    model: Literal["virtio-blk"]
+    model: Literal["virtio-blk", "ahci"]
     transport: Literal["pci", "mmio"] = "pci"  # for virtio models: virtio-pci or virtio-mmio
     backend: FileBlock
     serial: str = ""
@@ -168,8 +168,8 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 class NicSection(_Strict):
     """``[[nic]]``: one network card."""
 
-    model: Literal["virtio-net"]
-    transport: Literal["pci", "mmio"] = "pci"
+    model: Literal["virtio-net", "e1000"]
+    transport: Literal["pci", "mmio"] = "pci"  # for virtio models
     mac: str | None = None  # default: 52:54:00:12:34:56 plus the NIC's index
     backend: TapNet
     queues: Annotated[int, Field(ge=1, le=16)] = 1  # queue pairs (VIRTIO_NET_F_MQ if > 1)

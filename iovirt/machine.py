@@ -34,6 +34,7 @@ from iovirt.config import (
     VmConfig,
 )
 from iovirt.devices.acpi_pm import AcpiSleepRegisters
+from iovirt.devices.ahci import Ahci
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
@@ -66,6 +67,7 @@ VIRTIO_MMIO_GSIS = (5, 6, 7, 10, 11, 14, 15)
 PCI_INTX_GSI_BASE = 16
 # The hardware-reduced ACPI sleep registers (FADT SLEEP_CONTROL_REG / SLEEP_STATUS_REG).
 ACPI_SLEEP_PORT = 0x600
+AHCI_PORTS = 6  # one ICH9-like controller for every `model = "ahci"` disk
 # NICs without a configured MAC get this one plus their index (QEMU's default too).
 DEFAULT_MAC = bytes.fromhex("525400123456")
 ACPI_TABLES_ADDR = 0xE_0000  # in the reserved BIOS area, where Linux scans for the RSDP
@@ -192,12 +194,20 @@ def _add_disks(
     mmio_devices: list[tuple[int, int, int]],
 ) -> None:
     """Plug in every ``[[disk]]``; virtio-mmio windows (base, size, gsi) are appended to
-    ``mmio_devices`` for the ACPI tables."""
+    ``mmio_devices`` for the ACPI tables. AHCI disks share one controller (an ICH9 has six
+    ports), in config order."""
+    ahci_disks: list[tuple[FileBlockBackend, str]] = []
     for i, disk in enumerate(disks):
         key = f"disk.{i}"
         backend = FileBlockBackend(
             disk.backend.path, readonly=disk.backend.readonly, direct=disk.backend.direct
         )
+        if disk.model == "ahci":
+            vm.add_closer(backend.close)
+            if len(ahci_disks) == AHCI_PORTS:
+                raise ConfigError(key, f"at most {AHCI_PORTS} AHCI disks (one controller)")
+            ahci_disks.append((backend, disk.serial or f"IOVIRT-AHCI-{len(ahci_disks)}"))
+            continue
         try:
             options = BlkOptions(
                 serial=disk.serial.encode(),
@@ -214,6 +224,26 @@ def _add_disks(
         device.attach(platform)
         vm.add_closer(device.close)
         _add_virtio(vm, platform, device, disk.transport, key, mmio_devices)
+    if ahci_disks:
+        assert vm.pci is not None
+        slot = _free_slot(vm, "disk")
+        gsi = PCI_INTX_GSI_BASE + slot % 8
+        ahci = Ahci(
+            vm.memory,
+            [backend for backend, _ in ahci_disks],
+            intx=vm.irq(gsi),
+            interrupt_line=gsi,
+            serials=[serial for _, serial in ahci_disks],
+        )
+        vm.pci.add(ahci, slot)
+
+
+def _free_slot(vm: Vm, key: str) -> int:
+    assert vm.pci is not None
+    slot = vm.pci.free_slot()
+    if slot is None:
+        raise ConfigError(key, "no free PCI slot left on bus 0 (31 devices at most)")
+    return slot
 
 
 def _add_nics(
@@ -258,9 +288,7 @@ def _add_virtio(
     """Put ``device`` on the transport the config names."""
     assert vm.pci is not None
     if transport == "pci":
-        slot = vm.pci.free_slot()
-        if slot is None:
-            raise ConfigError(key, "no free PCI slot left on bus 0 (31 devices at most)")
+        slot = _free_slot(vm, key)
         pci = VirtioPciTransport(device, platform, intx_gsi=PCI_INTX_GSI_BASE + slot % 8)
         vm.pci.add(pci, slot)
         vm.add_closer(pci.close)
