@@ -17,6 +17,7 @@ from iovirt.backends.char import (
     StdioBackend,
     UnixSocketBackend,
 )
+from iovirt.backends.net import NetBackend
 from iovirt.backends.tap import TapBackend
 from iovirt.boot import layout
 from iovirt.boot.acpi import build_acpi_tables
@@ -36,6 +37,7 @@ from iovirt.config import (
 from iovirt.devices.acpi_pm import AcpiSleepRegisters
 from iovirt.devices.ahci import Ahci
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from iovirt.devices.e1000 import E1000
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
@@ -259,7 +261,13 @@ def _add_nics(
         if nic.mac is not None:
             mac = parse_mac(nic.mac)
         tap = nic.backend
-        backend = TapBackend(tap.ifname, netns=tap.netns, bridge=tap.bridge, queues=nic.queues)
+        pairs = nic.queues if nic.model == "virtio-net" else 1
+        backend = TapBackend(tap.ifname, netns=tap.netns, bridge=tap.bridge, queues=pairs)
+        if nic.model == "e1000":
+            # Registered first so that it runs last: the fd is unwatched before it closes.
+            vm.add_closer(backend.close)
+            _add_e1000(vm, platform, backend, mac, key)
+            continue
         try:
             options = NetOptions(
                 mac=mac,
@@ -275,6 +283,34 @@ def _add_nics(
         device.attach(platform)
         vm.add_closer(device.close)
         _add_virtio(vm, platform, device, nic.transport, key, mmio_devices)
+
+
+def _add_e1000(vm: Vm, platform: KvmPlatform, backend: NetBackend, mac: bytes, key: str) -> None:
+    """An emulated 82540EM on INTx; it reads the tap on the host I/O loop, and stops
+    watching it while its receive ring is full (the packets wait in the tap's queue)."""
+    assert vm.pci is not None
+    slot = _free_slot(vm, key)
+    gsi = PCI_INTX_GSI_BASE + slot % 8
+    fd = backend.fds[0]
+
+    def rx_interest(on: bool) -> None:
+        if on:
+            platform.watch(fd, nic.rx_ready)
+        else:
+            platform.unwatch(fd)
+
+    nic = E1000(
+        vm.memory,
+        backend,
+        mac,
+        intx=vm.irq(gsi),
+        interrupt_line=gsi,
+        rx_interest=rx_interest,
+    )
+    vm.pci.add(nic, slot)
+    if nic.rx_interested:
+        platform.watch(fd, nic.rx_ready)
+    vm.add_closer(lambda: platform.unwatch(fd))
 
 
 def _add_virtio(
