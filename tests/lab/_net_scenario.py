@@ -1,4 +1,4 @@
-"""The lab side of tests/lab/test_virtio_net.py: run as root INSIDE the lab, not by pytest.
+"""The lab side of tests/lab/test_lab_virtio_net.py: run as root INSIDE the lab, not by pytest.
 
     .venv/bin/python tests/lab/_net_scenario.py --initrd GUEST.img --out /out
 
