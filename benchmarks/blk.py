@@ -1,7 +1,7 @@
 """virtio-blk throughput: iovirt's virtio-blk against QEMU's, both nested in one lab run.
 
-The guest, a stock kernel with the same initramfs in both VMMs, runs ``blkbench``
-(:file:`blkbench.c`, built here with gcc, static) on its one virtio disk: O_DIRECT, a
+The guest, a stock kernel with the same initramfs in every VMM, runs ``blkbench``
+(:file:`blkbench.c`, built here with gcc, static) on its one disk: O_DIRECT, a
 fixed queue depth through Linux native AIO, for ``--seconds`` per workload:
 
 seqread, seqwrite
@@ -10,14 +10,19 @@ randread, randwrite
     4 KiB requests at random 4 KiB-aligned offsets (a fixed-seed sequence), queue depth
     16 (``--rand-bs``, ``--qd``).
 
-Writes end with fdatasync inside the measured time. Both VMMs boot ``/vmlinuz`` with the
-same initramfs (modules virtio_blk, virtio_pci; ``/blkbench``), the same command line
-(``console=ttyS0 panic=-1 reboot=k quiet``), 256 MiB and one vCPU, and get the same raw
-image file:
+Writes end with fdatasync inside the measured time. Every variant boots ``/vmlinuz`` with
+the same initramfs (modules virtio_blk, virtio_pci, and ahci, sd_mod when an AHCI variant
+runs; ``/blkbench``), the same command line (``console=ttyS0 panic=-1 reboot=k quiet``),
+256 MiB and one vCPU, and gets the same raw image file. ``--variants`` picks them (default
+``iovirt,qemu``):
 
 iovirt
     ``.venv/bin/iovirt run --no-lab build/bench/blk/vm-timed.toml`` with one ``[[disk]]``
     (``virtio-blk``, ``transport = "pci"``, file backend, ``direct = false``).
+iovirt-ahci
+    the same with ``model = "ahci"``: the disk is a port of iovirt's emulated AHCI
+    controller (a Python model: every command costs MMIO exits to Python), which Linux's
+    ``ahci`` driver binds; the guest sees ``sda`` instead of ``vda``.
 qemu
     ``qemu-system-x86_64 -enable-kvm -cpu host -machine pc -m 256 -smp 1 -nodefaults
     -no-reboot -display none -serial stdio -kernel /vmlinuz -initrd ... -append ...
@@ -32,17 +37,19 @@ request costs the VMM's work and a memory copy. ``--image share`` puts it in
 ``build/bench/blk/image/`` on the host instead, mounted writable in the lab over 9p
 (uncached): then every request also makes a 9p round trip to the host.
 
-Each VMM first boots once with every workload at 1 s (a warm-up, not counted: the first
-boots of a lab run also pay for the lab's cold caches); then the variants
+Each variant first boots once with every workload at 1 s (a warm-up, not counted: the
+first boots of a lab run also pay for the lab's cold caches); then the variants
 alternate order over ``--runs`` boots each (default 2). Every boot must end
 with ``IOVIRT-TEST-END rc=0`` and print all four lines, or the benchmark fails. The table
-shows the median MB/s (10^6 bytes per second) per workload and VMM, and iovirt/QEMU
-(goal: at least 1.2). Raw results: ``build/bench/blk-results.json``; every run's console
-and stderr: ``build/bench/blk/out/``.
+shows the median MB/s (10^6 bytes per second) per workload and variant, each other
+variant's median over the first variant's, and iovirt/QEMU when both run (goal: at least
+1.2). Raw results: ``build/bench/blk-results.json``; every run's console and stderr:
+``build/bench/blk/out/``.
 
 Run from the repository root (needs the lab: QEMU, busybox-static, linux-image-amd64, gcc)::
 
-    .venv/bin/python benchmarks/blk.py [--seconds N] [--qd N] [--runs N] [--only qemu]
+    .venv/bin/python benchmarks/blk.py [--seconds N] [--qd N] [--runs N]
+        [--variants iovirt,iovirt-ahci | --only qemu]
 """
 
 from __future__ import annotations
@@ -81,8 +88,12 @@ TMPFS_IMAGE = Path("/dev/shm/iovirt-blkbench.img")  # inside the lab
 MEMORY_MIB = 256
 CMDLINE = "console=ttyS0 panic=-1 reboot=k quiet"
 MODULES = ("virtio_blk", "virtio_pci")
+AHCI_MODULES = ("ahci", "sd_mod")  # only when an AHCI variant runs
 SERIAL = "bench"  # the disk's serial: the guest finds its disk by it
-VARIANTS = ("iovirt", "qemu")
+VARIANTS = ("iovirt", "qemu", "iovirt-ahci")
+DEFAULT_VARIANTS = ("iovirt", "qemu")
+# Each iovirt variant's [[disk]] model; a variant not named here is QEMU.
+IOVIRT_MODELS = {"iovirt": "virtio-blk", "iovirt-ahci": "ahci"}
 GOAL = 1.2  # iovirt / QEMU throughput
 MIB = 1 << 20
 
@@ -141,21 +152,41 @@ class Step:
 
 
 def guest_script(workloads: Sequence[Workload], seconds: float) -> str:
-    """Find the disk by its serial, describe it, then run each workload once."""
+    """Find the disk by its serial, describe it, then run each workload once.
+
+    A virtio disk shows its serial in ``/sys/block/vdX/serial``; a SATA disk behind
+    libata shows IDENTIFY's serial (space-padded) in the SCSI VPD page 0x80,
+    ``/sys/block/sdX/device/vpd_pg80``, after a 4-byte header. If no disk carries the
+    serial but exactly one disk exists, that one is used (said in the ``found_by`` line).
+    """
     lines = [
-        "d=",
-        "for b in /sys/block/vd*; do",
-        f'    if [ "$(cat $b/serial)" = {SERIAL} ]; then d=$(basename $b); fi',
+        "d=; n=0; only=; by=serial",
+        "for b in /sys/block/vd* /sys/block/sd*; do",
+        '    [ -e "$b" ] || continue',
+        "    n=$((n + 1)); only=${b##*/}; s=",
+        '    if [ -e "$b/serial" ]; then s=$(cat "$b/serial")',
+        '    elif [ -e "$b/device/vpd_pg80" ]; then',
+        "        s=$(tail -c +5 \"$b/device/vpd_pg80\" | tr -d '\\000 ')",
+        "    fi",
+        f'    if [ "$s" = {SERIAL} ]; then d=${{b##*/}}; fi',
         "done",
-        f'[ -n "$d" ] || {{ echo "no virtio disk with serial {SERIAL}"; exit 1; }}',
+        'if [ -z "$d" ] && [ "$n" = 1 ]; then d=$only; by=only-disk; fi',
+        f'[ -n "$d" ] || {{ echo "no disk with serial {SERIAL} among $n"; exit 1; }}',
         "q=/sys/block/$d/queue",
+        "dev=/sys/block/$d/device",
         f'echo "{INFO_PREFIX}disk=$d"',
+        f'echo "{INFO_PREFIX}found_by=$by"',
         f'echo "{INFO_PREFIX}sectors=$(cat /sys/block/$d/size)"',
         f'echo "{INFO_PREFIX}hw_queues=$(ls /sys/block/$d/mq | wc -l)"',
         f'echo "{INFO_PREFIX}scheduler=$(cat $q/scheduler)"',
         f'echo "{INFO_PREFIX}max_sectors_kb=$(cat $q/max_sectors_kb)"',
         f'echo "{INFO_PREFIX}max_segments=$(cat $q/max_segments)"',
-        f'echo "{INFO_PREFIX}features=$(cat /sys/block/$d/device/features)"',
+        f'echo "{INFO_PREFIX}nr_requests=$(cat $q/nr_requests)"',
+        # Only one of each pair exists: virtio's feature bits, or a SCSI disk's model and
+        # its queue depth (1 without NCQ).
+        f'[ ! -e $dev/features ] || echo "{INFO_PREFIX}features=$(cat $dev/features)"',
+        f'[ ! -e $dev/model ] || echo "{INFO_PREFIX}model=$(cat $dev/model)"',
+        f'[ ! -e $dev/queue_depth ] || echo "{INFO_PREFIX}queue_depth=$(cat $dev/queue_depth)"',
     ]
     for w in workloads:
         lines.append(f"/blkbench /dev/$d {w.mode} {w.bs} {w.qd} {seconds:g}")
@@ -183,7 +214,9 @@ def fill_image(path: Path, mib: int) -> None:
 # -- the plan ----------------------------------------------------------------------------------
 
 
-def vm_config(initrd: Path, image: Path) -> str:
+def vm_config(initrd: Path, image: Path, model: str = "virtio-blk") -> str:
+    # transport is a virtio key; an AHCI disk is always a port of the one AHCI controller.
+    transport = 'transport = "pci"\n' if model == "virtio-blk" else ""
     return (
         "[vm]\n"
         f'memory = "{MEMORY_MIB}M"\n'
@@ -194,8 +227,8 @@ def vm_config(initrd: Path, image: Path) -> str:
         "\n[serial]\n"
         'backend = { kind = "stdio", input = false }\n'
         "\n[[disk]]\n"
-        'model = "virtio-blk"\n'
-        'transport = "pci"\n'
+        f'model = "{model}"\n'
+        f"{transport}"
         f'serial = "{SERIAL}"\n'
         f'backend = {{ kind = "file", path = "{image}", direct = false }}\n'
     )
@@ -255,6 +288,10 @@ def make_plan(
         raise SystemExit(f"blk.py: {KERNEL} carries no kernel release string")
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     tool = build_tool()
+    # One initramfs for every variant of the run: the AHCI modules come in only when an
+    # AHCI variant runs, so the default run boots what it always has.
+    ahci = any(IOVIRT_MODELS.get(v) == "ahci" for v in variants)
+    modules = MODULES + AHCI_MODULES if ahci else MODULES
 
     def boots(name: str, secs: float) -> dict[str, tuple[str, ...]]:
         initrd = WORK_DIR / f"initrd-{name}.img"
@@ -263,15 +300,16 @@ def make_plan(
         script = guest_script(workloads, secs)
         initrd.write_bytes(
             guest_test_initramfs(
-                kver, MODULES, script, timeout=script_timeout, extra_files={"/blkbench": tool}
+                kver, modules, script, timeout=script_timeout, extra_files={"/blkbench": tool}
             )
         )
-        config = WORK_DIR / f"vm-{name}.toml"
-        config.write_text(vm_config(initrd, image))
-        return {
-            "iovirt": (".venv/bin/iovirt", "run", "--no-lab", str(config.relative_to(REPO))),
-            "qemu": qemu_argv(initrd, image),
-        }
+        argvs = {"qemu": qemu_argv(initrd, image)}
+        for variant, model in IOVIRT_MODELS.items():
+            suffix = "" if variant == "iovirt" else variant.removeprefix("iovirt")
+            config = WORK_DIR / f"vm-{name}{suffix}.toml"
+            config.write_text(vm_config(initrd, image, model))
+            argvs[variant] = (".venv/bin/iovirt", "run", "--no-lab", str(config.relative_to(REPO)))
+        return argvs
 
     timed = boots("timed", seconds)
     steps = []
@@ -445,6 +483,11 @@ def summarize(
                 "MBps_all": [r["MBps"] for r in mine],
                 "iops_median": median([r["iops"] for r in mine]),
             }
+        # Every other variant's median over the first variant's.
+        first = row[variants[0]]["MBps_median"]
+        row["vs_first"] = {
+            v: (row[v]["MBps_median"] / first if first else float("nan")) for v in variants[1:]
+        }
         if "iovirt" in variants and "qemu" in variants:
             row["ratio"] = row["iovirt"]["MBps_median"] / row["qemu"]["MBps_median"]
         rows.append(row)
@@ -453,9 +496,12 @@ def summarize(
 
 def print_table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> None:
     both = "ratio" in rows[0]
+    # The iovirt/QEMU column already says what "qemu / iovirt" would.
+    others = [v for v in variants[1:] if not (both and {variants[0], v} == {"iovirt", "qemu"})]
     head = ["workload"]
     for v in variants:
         head += [f"{v} MB/s", f"{v} IOPS", f"{v} MB/s, all runs"]
+    head += [f"{v} / {variants[0]}" for v in others]
     if both:
         head.append(f"iovirt / QEMU (goal >= {GOAL})")
     print("| " + " | ".join(head) + " |")
@@ -469,6 +515,7 @@ def print_table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> None
                 f"{r['iops_median']:.0f}",
                 ", ".join(f"{x:.1f}" for x in r["MBps_all"]),
             ]
+        cells += [f"{row['vs_first'][v]:.3g}x" for v in others]
         if both:
             cells.append(f"{row['ratio']:.2f}x")
         print("| " + " | ".join(cells) + " |")
@@ -510,7 +557,7 @@ def host_main(args: argparse.Namespace) -> int:
     from iovirt.errors import IovirtError
     from iovirt.lab import Lab
 
-    variants = list(VARIANTS) if args.only is None else [args.only]
+    variants = list(args.variants) if args.only is None else [args.only]
     workloads = [
         Workload("seqread", args.seq_bs, args.seq_qd),
         Workload("seqwrite", args.seq_bs, args.seq_qd),
@@ -596,6 +643,7 @@ def host_main(args: argparse.Namespace) -> int:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "iovirt": source_state(),
                 "seconds": args.seconds,
+                "variants": variants,
                 "image": {"path": str(image), "mib": args.image_mib, "where": args.image},
                 "lab_seconds": result.duration,
                 "host_at_end": host_load(),
@@ -615,7 +663,18 @@ def host_main(args: argparse.Namespace) -> int:
                 f"{v}: guest disk {info.get('disk')} ({int(info.get('sectors', 0)) // 2048} MiB), "
                 f"{info.get('hw_queues')} queue(s), scheduler {info.get('scheduler')}, "
                 f"max_sectors_kb {info.get('max_sectors_kb')}, max_segments "
-                f"{info.get('max_segments')}; features {' '.join(seen['features'])}"
+                f"{info.get('max_segments')}, nr_requests {info.get('nr_requests')}; "
+                + (
+                    f"features {' '.join(seen['features'])}"
+                    if "features" in info
+                    else f"model {info.get('model', '?').strip()!r}, "
+                    f"queue_depth {info.get('queue_depth')}"
+                )
+                + (
+                    ""
+                    if info.get("found_by") == "serial"
+                    else f" (found as {info.get('found_by')})"
+                )
             )
     print()
     print_table(rows, variants)
@@ -631,6 +690,16 @@ def host_main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def parse_variants(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in VARIANTS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct names from {', '.join(VARIANTS)}, comma-separated"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="per workload")
@@ -639,7 +708,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rand-bs", type=int, default=DEFAULT_RAND_BS, help="random request size")
     parser.add_argument("--seq-bs", type=int, default=DEFAULT_SEQ_BS, help="sequential req. size")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="boots per VMM")
-    parser.add_argument("--only", choices=VARIANTS, help="run one VMM only")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated, the first is the ratios' base (default "
+        f"{','.join(DEFAULT_VARIANTS)}; known: {', '.join(VARIANTS)})",
+    )
+    chosen.add_argument("--only", choices=VARIANTS, help="run one variant only")
     parser.add_argument("--image-mib", type=int, default=DEFAULT_IMAGE_MIB, help="disk size")
     parser.add_argument(
         "--image",
