@@ -1,5 +1,8 @@
 """virtio-net throughput: iovirt against QEMU with vhost off and on, all nested in one lab run.
 
+Optionally also iovirt's emulated e1000 on the same backend, to set emulation against
+paravirtualisation.
+
 The guest, a stock kernel with the same initramfs under every VMM, runs ``netbench``
 (:file:`netbench.c`, built here with gcc, static) as a TCP client of a ``netbench server``
 on the other end of its NIC, for ``--seconds`` per direction:
@@ -14,8 +17,9 @@ Every VMM's NIC is the same tap, ``nbtap0``: a persistent single-queue tap with
 IFF_VNET_HDR that the benchmark creates (pyroute2) in a network namespace of its own,
 ``iovirt-netbench``, inside the lab, with 10.0.2.1/24 on it; the server listens there. The
 guest takes 10.0.2.15/24. Every variant boots ``/vmlinuz`` with the same initramfs
-(modules virtio_net, virtio_pci; ``/netbench``), the same command line (``console=ttyS0
-panic=-1 reboot=k quiet``), 256 MiB and one vCPU:
+(modules virtio_net, virtio_pci, and e1000 when the e1000 variant runs; ``/netbench``), the
+same command line (``console=ttyS0 panic=-1 reboot=k quiet``), 256 MiB and one vCPU.
+``--only`` picks the variants (default: iovirt, qemu-vhost-off, qemu-vhost-on):
 
 iovirt
     ``.venv/bin/iovirt run --no-lab build/bench/net/vm-*.toml`` with one ``[[nic]]``
@@ -27,6 +31,11 @@ qemu-vhost-off, qemu-vhost-on
     tap fd is opened inside the namespace with iovirt's ``TapBackend`` and handed to QEMU
     (``pass_fds``); with ``vhost=on`` QEMU opens ``/dev/vhost-net`` itself (the lab loads
     ``vhost_net`` first), so the kernel's vhost worker moves the packets.
+iovirt-e1000
+    iovirt with ``model = "e1000"`` on the same tap backend: the guest sees iovirt's
+    emulated Intel 82540EM (a Python model: every register access is an MMIO exit to
+    Python), which Linux's ``e1000`` driver binds; the interface is still ``eth0``. Not
+    run by default; the table adds the ratio iovirt-e1000 / iovirt (no goal).
 
 Each VMM first boots once with both directions at 1 s (a warm-up, not counted: the first
 boots of a lab run also pay for the lab's cold caches); then the variants alternate order
@@ -38,7 +47,8 @@ least 1.2) and iovirt / QEMU vhost=on (goal: at least 0.8). Raw results:
 
 Run from the repository root (needs the lab: QEMU, busybox-static, linux-image-amd64, gcc)::
 
-    .venv/bin/python benchmarks/net.py [--seconds N] [--runs N] [--only VARIANT]
+    .venv/bin/python benchmarks/net.py [--seconds N] [--runs N] [--only VARIANT[,VARIANT...]]
+    .venv/bin/python benchmarks/net.py --only iovirt,iovirt-e1000   # emulated vs virtio
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ KERNEL = Path("/vmlinuz")
 MEMORY_MIB = 256
 CMDLINE = "console=ttyS0 panic=-1 reboot=k quiet"
 MODULES = ("virtio_net", "virtio_pci")
+E1000_MODULES = ("e1000",)  # only when an e1000 variant runs
 # Inside the lab only: the namespace, the tap and the addresses on either side of it.
 NETNS = "iovirt-netbench"
 TAP = "nbtap0"
@@ -84,9 +95,13 @@ PORT = 5201
 GUEST_MAC = "52:54:00:12:34:56"
 LAB_MODULES_NEEDED = ("tun", "vhost_net")
 
-VARIANTS = ("iovirt", "qemu-vhost-off", "qemu-vhost-on")
+VARIANTS = ("iovirt", "qemu-vhost-off", "qemu-vhost-on", "iovirt-e1000")
+DEFAULT_VARIANTS = ("iovirt", "qemu-vhost-off", "qemu-vhost-on")
+IOVIRT_MODELS = {"iovirt": "virtio-net", "iovirt-e1000": "e1000"}  # variant -> [[nic]] model
 DIRECTIONS = (("send", "guest->netns"), ("recv", "netns->guest"))  # netbench DIR, label
 GOALS = {"qemu-vhost-off": 1.2, "qemu-vhost-on": 0.8}  # iovirt / peer throughput
+# Ratios shown without a goal: variant / baseline (emulated NIC against virtio-net).
+COMPARISONS = (("iovirt-e1000", "iovirt"),)
 
 DEFAULT_SECONDS = 5.0
 DEFAULT_RUNS = 2
@@ -139,7 +154,9 @@ n=/sys/class/net/eth0
 echo "{INFO_PREFIX}mac=$(cat $n/address)"
 echo "{INFO_PREFIX}mtu=$(cat $n/mtu)"
 echo "{INFO_PREFIX}queues=$(ls $n/queues | tr '\\n' ' ')"
-echo "{INFO_PREFIX}features=$(cat $n/device/features)"
+echo "{INFO_PREFIX}driver=$(basename "$(readlink $n/device/driver)")"
+# virtio only: an e1000 has no feature bits (and the script runs under sh -e).
+[ ! -e $n/device/features ] || echo "{INFO_PREFIX}features=$(cat $n/device/features)"
 i=0
 until ping -c 1 -W 1 {HOST_ADDR} >/dev/null 2>&1; do
     i=$((i + 1))
@@ -163,7 +180,9 @@ def build_tool() -> bytes:
 # -- the plan ----------------------------------------------------------------------------------
 
 
-def vm_config(initrd: Path) -> str:
+def vm_config(initrd: Path, model: str = "virtio-net") -> str:
+    # transport is a virtio key; the e1000 is always a PCI function.
+    transport = 'transport = "pci"\n' if model == "virtio-net" else ""
     return (
         "[vm]\n"
         f'memory = "{MEMORY_MIB}M"\n'
@@ -174,8 +193,8 @@ def vm_config(initrd: Path) -> str:
         "\n[serial]\n"
         'backend = { kind = "stdio", input = false }\n'
         "\n[[nic]]\n"
-        'model = "virtio-net"\n'
-        'transport = "pci"\n'
+        f'model = "{model}"\n'
+        f"{transport}"
         f'mac = "{GUEST_MAC}"\n'
         f'backend = {{ kind = "tap", ifname = "{TAP}", netns = "{NETNS}" }}\n'
     )
@@ -228,6 +247,10 @@ def make_plan(
         raise SystemExit(f"net.py: {KERNEL} carries no kernel release string")
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     tool = build_tool()
+    # One initramfs for every variant of the run: e1000 comes in only when its variant
+    # runs, so the default run boots what it always has.
+    e1000 = any(IOVIRT_MODELS.get(v) == "e1000" for v in variants)
+    modules = MODULES + E1000_MODULES if e1000 else MODULES
 
     def boots(name: str, secs: float) -> dict[str, tuple[str, ...]]:
         initrd = WORK_DIR / f"initrd-{name}.img"
@@ -236,19 +259,22 @@ def make_plan(
         initrd.write_bytes(
             guest_test_initramfs(
                 kver,
-                MODULES,
+                modules,
                 guest_script(secs),
                 timeout=script_timeout,
                 extra_files={"/netbench": tool},
             )
         )
-        config = WORK_DIR / f"vm-{name}.toml"
-        config.write_text(vm_config(initrd))
-        return {
-            "iovirt": (".venv/bin/iovirt", "run", "--no-lab", str(config.relative_to(REPO))),
+        argvs = {
             "qemu-vhost-off": qemu_argv(initrd, vhost=False),
             "qemu-vhost-on": qemu_argv(initrd, vhost=True),
         }
+        for variant, model in IOVIRT_MODELS.items():
+            suffix = "" if variant == "iovirt" else variant.removeprefix("iovirt")
+            config = WORK_DIR / f"vm-{name}{suffix}.toml"
+            config.write_text(vm_config(initrd, model))
+            argvs[variant] = (".venv/bin/iovirt", "run", "--no-lab", str(config.relative_to(REPO)))
+        return argvs
 
     timed = boots("timed", seconds)
     steps = []
@@ -501,16 +527,22 @@ def summarize(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[d
                     ours, theirs = row["iovirt"], row[peer]
                     row[f"iovirt/{peer}"] = ours["Mbps_median"] / theirs["Mbps_median"]
                     row[f"iovirt/{peer} best"] = ours["Mbps_best"] / theirs["Mbps_best"]
+        for variant, base in COMPARISONS:
+            if variant in variants and base in variants:
+                ours, theirs = row[variant], row[base]
+                row[f"{variant}/{base}"] = ours["Mbps_median"] / theirs["Mbps_median"]
         rows.append(row)
     return rows
 
 
 def print_table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> None:
     ratios = [peer for peer in GOALS if f"iovirt/{peer}" in rows[0]]
+    compared = [f"{v}/{b}" for v, b in COMPARISONS if f"{v}/{b}" in rows[0]]
     head = ["direction"]
     for v in variants:
         head += [f"{v} Mbit/s", f"{v} all runs"]
     head += [f"iovirt / {peer} (goal >= {GOALS[peer]})" for peer in ratios]
+    head += [key.replace("/", " / ") for key in compared]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "--:|" * (len(head) - 1))
     for row in rows:
@@ -519,6 +551,7 @@ def print_table(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> None
             r = row[v]
             cells += [f"{r['Mbps_median']:.1f}", ", ".join(f"{x:.1f}" for x in r["Mbps_all"])]
         cells += [f"{row[f'iovirt/{peer}']:.2f}x" for peer in ratios]
+        cells += [f"{row[key]:.3f}x" for key in compared]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -553,7 +586,8 @@ def host_main(args: argparse.Namespace) -> int:
     from iovirt.errors import IovirtError
     from iovirt.lab import Lab
 
-    variants = list(VARIANTS) if args.only is None else [v for v in VARIANTS if v in args.only]
+    chosen = DEFAULT_VARIANTS if args.only is None else args.only
+    variants = [v for v in VARIANTS if v in chosen]
     steps = make_plan(args.runs, variants, args.seconds, not args.no_warmup)
     step_timeout = BOOT_ALLOWANCE + len(DIRECTIONS) * (args.seconds + 60)
     plan = WORK_DIR / "plan.json"
@@ -632,8 +666,9 @@ def host_main(args: argparse.Namespace) -> int:
         if seen is not None:
             info = seen["info"]
             print(
-                f"{v}: guest eth0 {info.get('mac')} mtu {info.get('mtu')}, queues "
-                f"{info.get('queues')}; features {' '.join(seen['features'])}"
+                f"{v}: guest eth0 ({info.get('driver')}) {info.get('mac')} mtu "
+                f"{info.get('mtu')}, queues {info.get('queues')}; "
+                f"features {' '.join(seen['features']) or '-'}"
             )
     if rows:
         print()
@@ -660,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
-        help=f"comma-separated variants to run (of {', '.join(VARIANTS)})",
+        help=f"comma-separated variants to run (default {','.join(DEFAULT_VARIANTS)}; "
+        f"known: {', '.join(VARIANTS)})",
     )
     parser.add_argument(
         "--no-warmup", action="store_true", help="skip the uncounted first boot of each VMM"
