@@ -95,7 +95,7 @@ def runs(lab: Lab) -> dict[str, dict[str, object]]:
         commands.append(
             f"{run} >/out/{model}.stdout 2>/out/{model}.stderr; echo $? >/out/{model}.rc"
         )
-    result = Lab().run("\n".join(commands), cwd=REPO, timeout=1000, shares=[work])
+    result = lab.run("\n".join(commands), cwd=REPO, timeout=500, shares=[work])
     assert result.returncode == 0, result.stderr
     for model in MODELS:
         stdout = result.files[f"{model}.stdout"].decode()

@@ -46,7 +46,7 @@ GUEST_MAC = "52:54:00:aa:bb:01"  # as _net_scenario.GUEST_MAC
 HOST_ADDR = "10.0.2.1"
 GUEST_ADDR = "10.0.2.15"
 GUEST_SCRIPT_TIMEOUT = 240  # below the VMM's --timeout 300, so the guest reports first
-LAB_TIMEOUT = 900.0
+LAB_TIMEOUT = 540.0
 
 GUEST_SCRIPT = guest_script(TRANSFER_MIB, SECOND_SENDER_MIB, virtio=True)
 

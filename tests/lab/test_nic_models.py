@@ -60,7 +60,7 @@ def scenarios(lab: Lab) -> dict[str, dict[str, Any]]:
         "\n".join(commands),
         cwd=REPO,
         env={"PYTHONDONTWRITEBYTECODE": "1"},
-        timeout=1300,
+        timeout=700,
         out_dir=out,
     )
     reports: dict[str, dict[str, Any]] = {}
