@@ -306,6 +306,7 @@ def _add_e1000(vm: Vm, platform: KvmPlatform, backend: NetBackend, mac: bytes, k
         intx=vm.irq(gsi),
         interrupt_line=gsi,
         rx_interest=rx_interest,
+        timers=vm.timers,
     )
     vm.pci.add(nic, slot)
     if nic.rx_interested:

@@ -31,6 +31,7 @@ from iovirt.kvm import Kvm, KvmVcpu, KvmVm
 from iovirt.kvm._ioctl import lib
 from iovirt.kvm.vcpu import install_kick_handler
 from iovirt.memory import PAGE_SIZE, GuestMemory
+from iovirt.timer import TimerThread
 
 if TYPE_CHECKING:
     from iovirt.backends.char import CharBackend
@@ -167,6 +168,9 @@ class Vm:
         except BaseException:
             self.close()
             raise
+        # Deadlines for device models (interrupt moderation); stopped before RAM goes.
+        self.timers = TimerThread()
+        self._closers.append(self.timers.close)
         self._char_backends: list[tuple[CharBackend, Callable[[bytes], object]]] = []
         self._exit: VmExit | None = None
         self._exit_lock = threading.Lock()

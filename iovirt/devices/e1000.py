@@ -15,9 +15,9 @@ The function (vendor 0x8086, device 0x100E, class 0x020000, revision 3) has:
 
 Threads and locking. vCPU threads enter through the BARs; the host I/O loop calls
 :meth:`E1000.rx_ready` when ``backend.fds[0]`` is readable. Both take the function's lock
-(:attr:`PciFunction.lock`), so the model is single-threaded inside. The device starts no
-thread and holds no timer: transmission happens on the vCPU thread that writes TDT, and
-reception on the I/O loop.
+(:attr:`PciFunction.lock`), and so do the moderation deadlines that the board's timer
+service calls back, so the model is single-threaded inside. The device starts no thread:
+transmission happens on the vCPU thread that writes TDT, and reception on the I/O loop.
 
 Reception. :meth:`E1000.rx_ready` reads up to :data:`RX_BATCH` packets (non-blocking;
 every packet is a 12-byte virtio-net header and an Ethernet frame), filters them
@@ -53,8 +53,13 @@ Choices where there is no clock or no wire:
 * The link is up whenever CTRL.SLU is set (its reset value, as on QEMU's model): STATUS
   reads LU, full duplex, 1000 Mb/s; the PHY reports link, autonegotiation complete and
   1000BASE-T full duplex. A change of SLU, and every reset, set ICR.LSC.
-* Interrupt moderation (ITR, RDTR/RADV, TIDV/TADV, IDE) is stored but not timed: causes
-  are raised as soon as they happen.
+* Interrupt moderation is timed on the board's :class:`~iovirt.timer.TimerService`:
+  ITR holds INTA# down until its interval since the previous assertion has passed (causes
+  gather in ICR meanwhile); RXT0 waits for RDTR to pass with no new frame, or RADV since
+  the first delayed frame; TXDW of descriptors with IDE waits likewise for TIDV/TADV (no
+  IDE: at once). A write of RDTR/TIDV with FPD set fires its pending cause at once.
+  Without a timer service (``timers=None``) the registers are stored only and causes are
+  raised as soon as they happen.
 * The EEPROM (64 words, 93C46-style Microwire, bit-banged through EECD, or read through
   EERD) is read-only: writes and erase commands are ignored.
 * PHY and MAC loopback, flow control frames, wake-up and manageability are stored only.
@@ -92,6 +97,7 @@ from iovirt.bus.pci import (
 from iovirt.errors import GuestMemoryError
 from iovirt.interrupt import Interrupt
 from iovirt.memory import GuestMemory
+from iovirt.timer import TimerService
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +336,12 @@ DLEN_MASK = 0x000F_FF80  # RDLEN/TDLEN: a multiple of 128 bytes below 1 MiB
 DBAL_MASK = 0xFFFF_FFF0  # RDBAL/TDBAL: 16-byte aligned
 RING_INDEX_MASK = 0xFFFF
 DELAY_MASK = 0xFFFF
+
+# --- Interrupt moderation (SDM 13.4.17 ITR, 13.4.31 RDTR, 13.4.38 RADV, 13.4.44 TIDV,
+# 13.4.45 TADV).
+ITR_UNIT = 256e-9  # ITR counts the minimum gap between interrupts in 256 ns
+DELAY_UNIT = 1.024e-6  # the delay timers count 1.024 us
+DELAY_FPD = 0x8000_0000  # RDTR/TIDV "flush partial descriptor": fire the delayed cause now
 
 # Descriptors (SDM 3.2.3, 3.3): 16 bytes each.
 DESC_SIZE = 16
@@ -649,6 +661,28 @@ class E1000Counters:
 
 
 @dataclass
+class _DelayTimer:
+    """One delayed interrupt cause: a delay restarted by every event (RDTR, TIDV) and an
+    absolute bound from the first one (RADV, TADV), as deadlines; None while idle."""
+
+    delay_at: float | None = None
+    absolute_at: float | None = None
+
+    def deadline(self) -> float:
+        assert self.delay_at is not None
+        if self.absolute_at is None:
+            return self.delay_at
+        return min(self.delay_at, self.absolute_at)
+
+    def fire(self, now: float, flush: bool) -> bool:
+        """Whether the cause is due now (or flushed); if so the timer goes idle."""
+        if self.delay_at is None or not (flush or now >= self.deadline()):
+            return False
+        self.delay_at = self.absolute_at = None
+        return True
+
+
+@dataclass
 class _TxContext:
     """A TCP/IP context descriptor (SDM 3.3.6): where the checksums go, and TSO setup."""
 
@@ -774,6 +808,7 @@ class E1000(PciFunction):
         intx: Interrupt | None = None,
         rx_interest: Callable[[bool], None] = lambda on: None,
         interrupt_line: int = PCI_INTERRUPT_LINE_UNKNOWN,
+        timers: TimerService | None = None,
         name: str = "e1000",
     ) -> None:
         mac = bytes(mac)
@@ -825,6 +860,12 @@ class E1000(PciFunction):
         self._tso_ctx = _TxContext()
         self._tx_pending = False  # the budget ran out with descriptors left
         self._tx_budget = 0
+        # Interrupt moderation: deadlines on self._timers' clock (None: not running).
+        self._timers = timers
+        self._throttle_until = 0.0  # ITR: no new assertion of INTA# before this
+        self._rx_delay = _DelayTimer()  # RDTR/RADV for RXT0
+        self._tx_delay = _DelayTimer()  # TIDV/TADV for TXDW of IDE descriptors
+        self._timer_wanted: float | None = None  # earliest deadline a callback is due for
 
         self._read_handlers: dict[int, Callable[[], int]] = {
             E1000_STATUS: self._read_status,
@@ -847,6 +888,8 @@ class E1000(PciFunction):
             self._write_handlers[offset] = functools.partial(self._write_rx_register, offset)
         for offset in (E1000_TCTL, E1000_TDT):
             self._write_handlers[offset] = functools.partial(self._write_tx_register, offset)
+        self._write_handlers[E1000_RDTR] = functools.partial(self._write_delay, E1000_RDTR)
+        self._write_handlers[E1000_TIDV] = functools.partial(self._write_delay, E1000_TIDV)
 
         self.add_bar(E1000_MMIO_BAR, E1000_MMIO_SIZE, BarKind.MEM32, self)
         self.add_bar(E1000_IO_BAR, E1000_IO_SIZE, BarKind.IO, _E1000IoPort(self))
@@ -1025,6 +1068,10 @@ class E1000(PciFunction):
         self._csum_ctx = _TxContext()
         self._tso_ctx = _TxContext()
         self._tx_pending = False
+        # Pending moderation deadlines die with the reset (a late callback finds nothing).
+        self._throttle_until = 0.0
+        self._rx_delay = _DelayTimer()
+        self._tx_delay = _DelayTimer()
         self._regs[E1000_ICR] = ICR_LSC
         self._update_irq()
         self._rx_recheck()
@@ -1168,9 +1215,84 @@ class E1000(PciFunction):
 
     def _update_irq(self) -> None:
         level = bool(self._regs[E1000_ICR] & self._regs[E1000_IMS])
-        if level != self._irq_level:
-            self._irq_level = level
-            self.set_intx(level)
+        if level == self._irq_level:
+            return
+        if level and self._timers is not None and self._regs[E1000_ITR]:
+            now = self._timers.now()
+            if now < self._throttle_until:
+                self._arm_timer(self._throttle_until)  # assert then, if still wanted
+                return
+            self._throttle_until = now + self._regs[E1000_ITR] * ITR_UNIT
+        self._irq_level = level
+        self.set_intx(level)
+
+    # -- interrupt moderation timers ---------------------------------------------------------
+
+    def _delay_rx(self, cause: int) -> int:
+        """RXT0 under RDTR/RADV: start (or restart) the delay; returns the causes to raise
+        now (SDM 3.2.7)."""
+        if cause & ICR_RXT0 and self._start_delay(self._rx_delay, E1000_RDTR, E1000_RADV):
+            return cause & ~ICR_RXT0
+        return cause
+
+    def _delay_tx(self) -> bool:
+        """A descriptor with IDE asks for TXDW: start (or restart) TIDV/TADV; returns
+        whether TXDW is delayed (SDM 3.4.1)."""
+        return self._start_delay(self._tx_delay, E1000_TIDV, E1000_TADV)
+
+    def _start_delay(self, timer: _DelayTimer, delay_reg: int, absolute_reg: int) -> bool:
+        delay = self._regs[delay_reg]
+        if self._timers is None or not delay:
+            return False
+        now = self._timers.now()
+        timer.delay_at = now + delay * DELAY_UNIT
+        absolute = self._regs[absolute_reg]
+        if absolute and timer.absolute_at is None:
+            timer.absolute_at = now + absolute * DELAY_UNIT
+        self._arm_timer(timer.deadline())
+        return True
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timers is None:
+            return
+        if self._timer_wanted is not None and self._timer_wanted <= when:
+            return  # a callback comes earlier and re-arms for what is left
+        self._timer_wanted = when
+        self._timers.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """A deadline passed (or a stale callback: all state is re-checked here)."""
+        with self.lock:
+            try:
+                self._timer_wanted = None
+                self._fire_due_delays(flush_rx=False, flush_tx=False)
+                self._update_irq()
+                self._rearm()
+            except Exception as e:
+                self._internal_error("timer", e)
+
+    def _fire_due_delays(self, *, flush_rx: bool, flush_tx: bool) -> None:
+        now = self._timers.now() if self._timers is not None else 0.0
+        if self._rx_delay.fire(now, flush_rx):
+            self._regs[E1000_ICR] |= ICR_RXT0
+        if self._tx_delay.fire(now, flush_tx):
+            self._regs[E1000_ICR] |= ICR_TXDW
+
+    def _rearm(self) -> None:
+        deadlines = [
+            t.deadline() for t in (self._rx_delay, self._tx_delay) if t.delay_at is not None
+        ]
+        if self._regs[E1000_ICR] & self._regs[E1000_IMS] and not self._irq_level:
+            deadlines.append(self._throttle_until)
+        if deadlines:
+            self._arm_timer(min(deadlines))
+
+    def _write_delay(self, offset: int, value: int) -> None:
+        """RDTR/TIDV: the delay is stored; FPD (write-only) fires the pending cause now."""
+        self._regs[offset] = value & DELAY_MASK
+        if value & DELAY_FPD:
+            self._fire_due_delays(flush_rx=offset == E1000_RDTR, flush_tx=offset == E1000_TIDV)
+            self._update_irq()
 
     def _read_icr(self) -> int:
         icr = self._regs[E1000_ICR]
@@ -1305,6 +1427,8 @@ class E1000(PciFunction):
             self.memory.write_u8(address + TXD_STATUS_OFFSET, status)
         except GuestMemoryError as e:
             self.dma_errors(f"TX descriptor write-back: {e}")
+        if cmd & TXD_CMD_IDE and self._delay_tx():
+            return 0
         return ICR_TXDW
 
     def _tx_gather(self, buffer: int, length: int) -> None:
@@ -1545,7 +1669,7 @@ class E1000(PciFunction):
                 self.counters.rx_dropped_disabled += 1
                 continue
             cause |= self._rx_packet(packet)
-        self._raise(cause)
+        self._raise(self._delay_rx(cause))
 
     def _rx_packet(self, packet: bytes) -> int:
         """Filter one backend packet and DMA it into the ring; returns interrupt causes."""

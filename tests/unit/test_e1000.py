@@ -72,25 +72,30 @@ from iovirt.devices.e1000 import (
     E1000_ICS,
     E1000_IMC,
     E1000_IMS,
+    E1000_ITR,
     E1000_MANC,
     E1000_MDIC,
     E1000_MPC,
     E1000_MTA,
     E1000_RA,
+    E1000_RADV,
     E1000_RCTL,
     E1000_RDBAH,
     E1000_RDBAL,
     E1000_RDH,
     E1000_RDLEN,
     E1000_RDT,
+    E1000_RDTR,
     E1000_ROC,
     E1000_STATUS,
+    E1000_TADV,
     E1000_TCTL,
     E1000_TDBAH,
     E1000_TDBAL,
     E1000_TDH,
     E1000_TDLEN,
     E1000_TDT,
+    E1000_TIDV,
     E1000_TPR,
     E1000_TPT,
     E1000_TSCTC,
@@ -150,6 +155,7 @@ from iovirt.devices.e1000 import (
     TXD_CMD_DEXT,
     TXD_CMD_EOP,
     TXD_CMD_IC,
+    TXD_CMD_IDE,
     TXD_CMD_IFCS,
     TXD_CMD_RS,
     TXD_CMD_TSE,
@@ -165,6 +171,7 @@ from iovirt.devices.e1000 import (
 )
 from iovirt.interrupt import RecordingInterrupt
 from iovirt.memory import GuestMemory
+from iovirt.timer import ManualClock
 
 SLOT = 3
 GSI = 11
@@ -239,7 +246,7 @@ def vnet(flags: int = 0, gso_type: int = 0, csum_start: int = 0, csum_offset: in
 
 
 class Board:
-    def __init__(self) -> None:
+    def __init__(self, timers: ManualClock | None = None) -> None:
         self.memory = GuestMemory([(0, RAM)])
         self.backend = SocketPairNetBackend()
         self.irq = RecordingInterrupt()
@@ -251,6 +258,7 @@ class Board:
             intx=self.irq,
             rx_interest=self.interest.append,
             interrupt_line=GSI,
+            timers=timers,
         )
         self.mmio = Bus("mmio", 1 << 32)
         self.pio = Bus("pio", 0x1_0000)
@@ -1199,3 +1207,175 @@ def test_tso_through_a_real_tap_is_segmented_by_the_host_kernel() -> None:
         if tun_fd >= 0:
             os.close(tun_fd)
         pyroute2_netns.remove(name)
+
+
+# -- interrupt moderation (ITR, RDTR/RADV, TIDV/TADV) ----------------------------------------
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(start=100.0)
+
+
+@pytest.fixture
+def timed_board(clock: ManualClock) -> Iterator[Board]:
+    board = Board(timers=clock)
+    board.enable()
+    board.reset_hw()
+    yield board
+    board.close()
+
+
+US = 1e-6
+
+
+def test_itr_spaces_interrupt_assertions(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.w32(E1000_ITR, 400)  # 400 x 256 ns = 102.4 us between assertions
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_ICS, ICR_RXT0)
+    assert board.irq.level  # the first one goes at once
+    board.r32(E1000_ICR)
+    assert not board.irq.level
+    board.w32(E1000_ICS, ICR_RXT0)
+    assert not board.irq.level  # inside the interval: the cause waits in ICR
+    clock.advance(100 * US)
+    assert not board.irq.level
+    clock.advance(3 * US)
+    assert board.irq.level  # 102.4 us after the previous assertion
+    assert board.r32(E1000_ICR) == ICR_RXT0 | ICR_INT_ASSERTED
+    clock.advance(200 * US)
+    board.w32(E1000_ICS, ICR_RXT0)
+    assert board.irq.level  # the interval has long passed: at once
+
+
+def test_itr_zero_does_not_throttle(timed_board: Board) -> None:
+    board = timed_board
+    board.w32(E1000_IMS, ICR_RXT0)
+    for _ in range(3):
+        board.w32(E1000_ICS, ICR_RXT0)
+        assert board.irq.level
+        board.r32(E1000_ICR)
+    assert board.irq.transitions[-6:] == [True, False] * 3
+
+
+def test_itr_cause_cleared_while_throttled_raises_nothing(
+    timed_board: Board, clock: ManualClock
+) -> None:
+    board = timed_board
+    board.w32(E1000_ITR, 1000)
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_ICS, ICR_RXT0)
+    board.r32(E1000_ICR)
+    board.w32(E1000_ICS, ICR_RXT0)
+    assert not board.irq.level
+    assert board.r32(E1000_ICR) & ICR_RXT0  # polled by the driver before the line rose
+    clock.advance(1000 * US)
+    assert not board.irq.level  # nothing left to assert when the interval ended
+    assert board.irq.transitions == [True, False]
+
+
+def _rx_frame(board: Board) -> None:
+    board.send(eth(MAC) + bytes(100))
+    board.nic.rx_ready()
+
+
+def test_rdtr_delays_rxt0_until_the_line_is_quiet(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.setup_rx()
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_RDTR, 100)  # 102.4 us
+    _rx_frame(board)
+    assert board.rx_desc(0)[2] & RXD_STAT_DD  # the frame is there at once...
+    assert not board.irq.level  # ...its interrupt waits
+    clock.advance(60 * US)
+    _rx_frame(board)  # a new frame restarts the delay
+    clock.advance(60 * US)
+    assert not board.irq.level
+    clock.advance(50 * US)
+    assert board.irq.level and board.r32(E1000_ICR) & ICR_RXT0
+
+
+def test_radv_bounds_the_rdtr_delay(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.setup_rx()
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_RDTR, 100)
+    board.w32(E1000_RADV, 150)  # 153.6 us after the first frame, come what may
+    _rx_frame(board)
+    for _ in range(2):
+        clock.advance(60 * US)
+        _rx_frame(board)
+    assert not board.irq.level  # 120 us: RDTR keeps restarting
+    clock.advance(40 * US)
+    assert board.irq.level  # 160 us > RADV
+
+
+def test_rdtr_fpd_flushes_the_pending_rxt0(timed_board: Board) -> None:
+    board = timed_board
+    board.setup_rx()
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_RDTR, 1000)
+    _rx_frame(board)
+    assert not board.irq.level
+    board.w32(E1000_RDTR, 1000 | 0x8000_0000)
+    assert board.irq.level
+    assert board.r32(E1000_RDTR) == 1000  # FPD is write-only
+
+
+def test_tidv_delays_txdw_only_for_ide_descriptors(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.setup_tx()
+    board.w32(E1000_IMS, ICR_TXDW)
+    board.w32(E1000_TIDV, 8)  # 8.192 us, Linux's default
+    board.w32(E1000_TADV, 32)
+    frame = bytes(tcp_frame(b"x"))
+    board.put_legacy(frame, cmd=TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS | TXD_CMD_IDE)
+    board.kick_tx()
+    board.recv()
+    assert not board.irq.level
+    clock.advance(9 * US)
+    assert board.irq.level and board.r32(E1000_ICR) & ICR_TXDW
+    board.put_legacy(frame)  # no IDE: at once
+    board.kick_tx()
+    board.recv()
+    assert board.irq.level
+
+
+def test_tadv_bounds_the_tidv_delay(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.setup_tx()
+    board.w32(E1000_IMS, ICR_TXDW)
+    board.w32(E1000_TIDV, 10)
+    board.w32(E1000_TADV, 25)  # 25.6 us
+    frame = bytes(tcp_frame(b"x"))
+    for _ in range(3):
+        board.put_legacy(frame, cmd=TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS | TXD_CMD_IDE)
+        board.kick_tx()
+        board.recv()
+        assert not board.irq.level
+        clock.advance(9 * US)  # each IDE descriptor restarts TIDV
+    assert board.irq.level  # 27 us > TADV
+
+
+def test_reset_drops_pending_moderation(timed_board: Board, clock: ManualClock) -> None:
+    board = timed_board
+    board.setup_rx()
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_RDTR, 100)
+    _rx_frame(board)
+    board.reset_hw()
+    board.w32(E1000_IMS, ICR_RXT0)
+    clock.advance(1000 * US)
+    assert not board.r32(E1000_ICR) & ICR_RXT0  # the late callback found nothing to do
+    assert clock.pending == 0
+
+
+def test_moderation_registers_without_a_timer_service_are_stored_only(board: Board) -> None:
+    board.setup_rx()
+    board.w32(E1000_IMS, ICR_RXT0)
+    board.w32(E1000_RDTR, 100)
+    board.w32(E1000_ITR, 1000)
+    _rx_frame(board)
+    assert board.irq.level  # no clock: causes go at once
+    assert board.r32(E1000_RDTR) == 100 and board.r32(E1000_ITR) == 1000
