@@ -128,6 +128,7 @@ IOAPIC_PINS = 24
 # The board's legacy ISA devices: the PC's fixed resources.
 COM1_PORT, COM1_PORTS, COM1_IRQ = 0x3F8, 8, 4
 I8042_DATA_PORT, I8042_COMMAND_PORT, I8042_IRQ = 0x60, 0x64, 1
+I8042_AUX_IRQ = 12
 RTC_PORT, RTC_PORTS, RTC_IRQ = 0x70, 2, 8
 PIT_GSI = 0  # KVM's in-kernel PIT drives GSI 0
 
@@ -312,6 +313,13 @@ def _legacy_devices() -> list[Term]:
                     irq_no_flags(I8042_IRQ),
                 ),
             ),
+        ),
+        device(
+            "MOU",
+            # The 8042's auxiliary port: without it Linux's i8042 PNP probe decides the AUX
+            # port is absent and never looks for the PS/2 mouse.
+            name("_HID", eisa_id("PNP0F13")),  # PS/2 mouse
+            name("_CRS", resource_template(irq_no_flags(I8042_AUX_IRQ))),
         ),
         device(
             "RTC",

@@ -401,6 +401,8 @@ def test_legacy_devices_claim_their_isa_ports_and_irqs() -> None:
     assert resources(ns["\\_SB_.COM1._CRS"]) == [io(0x3F8, 8), irq(4)]
     assert ns["\\_SB_.KBD_._HID"] == eisa("PNP0303")
     assert resources(ns["\\_SB_.KBD_._CRS"]) == [io(0x60, 1), io(0x64, 1), irq(1)]
+    assert ns["\\_SB_.MOU_._HID"] == eisa("PNP0F13")  # the 8042's AUX port, on IRQ 12
+    assert resources(ns["\\_SB_.MOU_._CRS"]) == [irq(12)]
     assert ns["\\_SB_.RTC_._HID"] == eisa("PNP0B00")
     assert resources(ns["\\_SB_.RTC_._CRS"]) == [io(0x70, 2), irq(8)]
 
