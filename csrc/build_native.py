@@ -21,6 +21,7 @@ CDEF = r"""
 #define KVM_GET_SUPPORTED_CPUID ...
 #define KVM_CREATE_VCPU ...
 #define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_GET_DIRTY_LOG ...
 #define KVM_SET_TSS_ADDR ...
 #define KVM_SET_IDENTITY_MAP_ADDR ...
 #define KVM_CREATE_IRQCHIP ...
@@ -109,6 +110,16 @@ struct kvm_userspace_memory_region {
     uint64_t guest_phys_addr;
     uint64_t memory_size;
     uint64_t userspace_addr;
+    ...;
+};
+
+/* KVM_GET_DIRTY_LOG: the slot's bitmap of pages written since the previous call. */
+struct kvm_dirty_log {
+    uint32_t slot;
+    union {
+        void *dirty_bitmap;
+        uint64_t padding2;
+    };
     ...;
 };
 

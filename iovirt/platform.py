@@ -8,6 +8,7 @@ KVM implementation lives in :mod:`iovirt.kvm.platform`; unit tests use the simul
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,6 +43,23 @@ class MsiVector(Protocol):
         ...
 
 
+class RamMapping(Protocol):
+    """Host memory mapped into the guest-physical address space (e.g. a framebuffer BAR
+    as a KVM memory slot), so guest accesses to it cause no exits."""
+
+    gpa: int
+    size: int
+
+    def dirty_pages(self) -> list[int]:
+        """Indexes (4 KiB pages from :attr:`gpa`) the guest wrote since the previous call,
+        ascending; the call clears them. Empty unless mapped with ``log_dirty``."""
+        ...
+
+    def close(self) -> None:
+        """Remove the mapping (the guest's accesses there go back to the MMIO bus)."""
+        ...
+
+
 class Platform(Protocol):
     """Services of the VMM that device transports use."""
 
@@ -70,3 +88,8 @@ class Platform(Protocol):
         ...
 
     def unwatch(self, fd: int) -> None: ...
+
+    def map_ram(self, gpa: int, buffer: mmap.mmap, log_dirty: bool = False) -> RamMapping:
+        """Map all of ``buffer`` (a page-aligned multiple of 4 KiB) at guest-physical
+        ``gpa``; with ``log_dirty`` the guest's writes are tracked per page."""
+        ...

@@ -5,12 +5,16 @@ each vector's eventfd, so a C worker raises an MSI-X interrupt with one write(2)
 exit to Python. Masking unbinds the irqfd and watches the eventfd on the host I/O loop
 instead: a signal that arrives while masked becomes the PCI pending bit and is delivered
 when the guest unmasks, as the MSI-X spec requires.
+
+RAM mappings (a framebuffer BAR) are KVM memory slots over the caller's buffer; with dirty
+logging KVM_GET_DIRTY_LOG says which pages the guest wrote, so a display sends only those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -18,7 +22,9 @@ from typing import TYPE_CHECKING
 
 from iovirt.errors import KvmError, ResourceError
 from iovirt.interrupt import Interrupt
+from iovirt.kvm._ioctl import ffi
 from iovirt.kvm.vm import NUM_IOAPIC_PINS
+from iovirt.memory import PAGE_SIZE
 
 if TYPE_CHECKING:
     from iovirt.vm import Vm
@@ -117,6 +123,54 @@ class KvmMsiVector:
             self._platform.release_gsi(self.gsi)
 
 
+class KvmRamMapping:
+    """A buffer mapped into guest-physical space as one KVM memory slot (see
+    :class:`iovirt.platform.RamMapping`).
+
+    The mapping pins the buffer (a cffi ``from_buffer`` export), so the buffer cannot be
+    unmapped under the guest's feet: ``mmap.close()`` raises BufferError until
+    :meth:`close` has deleted the slot."""
+
+    def __init__(self, platform: KvmPlatform, gpa: int, buffer: mmap.mmap, log_dirty: bool) -> None:
+        size = len(buffer)
+        if size <= 0 or size % PAGE_SIZE or gpa < 0 or gpa % PAGE_SIZE:
+            raise ValueError(
+                f"map_ram: [{gpa:#x}, +{size:#x}) is not a page-aligned, non-empty range"
+            )
+        self.gpa = gpa
+        self.size = size
+        self.log_dirty = log_dirty
+        self._vm = platform.vm.kvm_vm
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pin = ffi.from_buffer(buffer, require_writable=True)
+        try:
+            host_addr = int(ffi.cast("uintptr_t", self._pin))
+            self.slot = self._vm.add_memory_slot(gpa, size, host_addr, log_dirty=log_dirty)
+        except BaseException:
+            ffi.release(self._pin)
+            raise
+
+    def dirty_pages(self) -> list[int]:
+        with self._lock:
+            if self._closed or not self.log_dirty:
+                return []
+            return self._vm.get_dirty_log(self.slot, self.size // PAGE_SIZE)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._vm.remove_memory_slot(self.slot)
+            except KvmError as e:
+                # The VM is already gone (its fd closed): so is the slot. The number is
+                # not handed out again, which is harmless for a VM that no longer runs.
+                log.debug("deleting memory slot %d: %s", self.slot, e)
+            ffi.release(self._pin)
+
+
 class KvmPlatform:
     """Platform services over a KVM :class:`~iovirt.vm.Vm` (one per VM)."""
 
@@ -155,3 +209,9 @@ class KvmPlatform:
 
     def unwatch(self, fd: int) -> None:
         self.vm.unwatch(fd)
+
+    def map_ram(self, gpa: int, buffer: mmap.mmap, log_dirty: bool = False) -> KvmRamMapping:
+        """A KVM memory slot over ``buffer`` at ``gpa`` (KVM_MEM_LOG_DIRTY_PAGES with
+        ``log_dirty``). Raises KvmError if KVM refuses it (e.g. EEXIST: it overlaps another
+        slot) and ResourceError when every slot is in use."""
+        return KvmRamMapping(self, gpa, buffer, log_dirty)

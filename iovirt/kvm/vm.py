@@ -4,12 +4,13 @@ GSI routing, and vCPU creation."""
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from iovirt.errors import KvmError
+from iovirt.errors import KvmError, ResourceError
 from iovirt.kvm._ioctl import ffi, ioctl_int, ioctl_ptr, lib
 
 if TYPE_CHECKING:
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 # the BIOS area that guest RAM layouts leave unmapped.
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+# What KVM allowed before KVM_CAP_NR_MEMSLOTS existed (used if the capability reads 0).
+DEFAULT_NR_MEMSLOTS = 32
 
 # Legacy ISA interrupts 0-15 go to both PICs and the IOAPIC; 16-23 to the IOAPIC only.
 NUM_IOAPIC_PINS = 24
@@ -46,8 +50,14 @@ class KvmVm:
         # vCPU threads program MSI routes concurrently (each device's MSI-X table writes);
         # KVM_SET_GSI_ROUTING replaces the whole table, so building and pushing it is serialised.
         self._routes_lock = threading.Lock()
+        # Memory slot numbers: never reused while in use, handed out again (lowest first)
+        # once deleted, so a BAR that moves over and over does not run out of slots.
+        self._slots_lock = threading.Lock()
         self._next_slot = 0
+        self._free_slots: list[int] = []
+        self._max_slots = DEFAULT_NR_MEMSLOTS
         try:
+            self._max_slots = kvm.check_extension(lib.KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_MEMSLOTS
             # Only VMX needs these; elsewhere the ioctls may be refused, which is harmless.
             if kvm.check_extension(lib.KVM_CAP_SET_TSS_ADDR):
                 with contextlib.suppress(KvmError):
@@ -67,11 +77,33 @@ class KvmVm:
     def add_memory_slot(
         self, gpa: int, size: int, host_addr: int, readonly: bool = False, log_dirty: bool = False
     ) -> int:
-        """Map ``size`` bytes at host ``host_addr`` as guest-physical ``gpa``; returns the slot."""
-        slot = self._next_slot
-        self.set_memory_slot(slot, gpa, size, host_addr, readonly, log_dirty)
-        self._next_slot += 1
+        """Map ``size`` bytes at host ``host_addr`` as guest-physical ``gpa``; returns the slot
+        (the lowest free number: deleted slots are reused)."""
+        with self._slots_lock:
+            if self._free_slots:
+                slot = heapq.heappop(self._free_slots)
+            elif self._next_slot < self._max_slots:
+                slot = self._next_slot
+                self._next_slot += 1
+            else:
+                raise ResourceError(
+                    "KVM memory slots", f"all {self._max_slots} in use (KVM_CAP_NR_MEMSLOTS)"
+                )
+        try:
+            self.set_memory_slot(slot, gpa, size, host_addr, readonly, log_dirty)
+        except BaseException:
+            self._release_slot(slot)  # e.g. EEXIST (overlap): the number must not leak
+            raise
         return slot
+
+    def remove_memory_slot(self, slot: int) -> None:
+        """Delete a slot :meth:`add_memory_slot` handed out; its number becomes free."""
+        self.set_memory_slot(slot, 0, 0, 0)
+        self._release_slot(slot)
+
+    def _release_slot(self, slot: int) -> None:
+        with self._slots_lock:
+            heapq.heappush(self._free_slots, slot)
 
     def set_memory_slot(
         self,
@@ -92,6 +124,27 @@ class KvmVm:
         region.memory_size = size
         region.userspace_addr = host_addr
         ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def get_dirty_log(self, slot: int, pages: int) -> list[int]:
+        """KVM_GET_DIRTY_LOG: the pages of ``slot`` (``pages`` long, created with
+        ``log_dirty``) written since the previous call, ascending. KVM clears the log and
+        write-protects those pages again, so each write is reported once."""
+        words = (pages + 63) // 64
+        bitmap = ffi.new("uint64_t[]", max(words, 1))  # KVM fills whole 64-bit words
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        ioctl_ptr(self.fd, lib.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        dirty: list[int] = []
+        for word_index in range(words):
+            word = int(bitmap[word_index])
+            while word:
+                low = word & -word
+                page = word_index * 64 + low.bit_length() - 1
+                if page < pages:
+                    dirty.append(page)
+                word ^= low
+        return dirty
 
     # -- interrupt controllers ----------------------------------------------------------
 
