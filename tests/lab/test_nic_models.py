@@ -63,6 +63,27 @@ def scenarios(lab: Lab) -> dict[str, dict[str, Any]]:
         timeout=700,
         out_dir=out,
     )
+    # A nested guest that triple-faults with nothing on its console is run once more,
+    # announced on stderr (a second one fails the tests). Why: on 2026-11-25 the e1000
+    # guest triple-faulted during the 16 MiB receive in 2 of about 12 lab runs, with no
+    # kernel message before it, while every check of the model's DMA (descriptor and buffer
+    # bounds, the driver's 1522-byte buffers, ring ownership) held; it has not recurred
+    # since interrupt moderation was timed (2 runs). We read it as the lab's nested SVM
+    # under TCG, as with the lab freezes RetryingLab handles, not as the device's.
+    again = [i for i, model in enumerate(MODELS) if _triple_faulted(out / model)]
+    for i in again:
+        print(f"lab: {MODELS[i]} guest triple-faulted; running it once more", file=sys.stderr)
+        first = (out / MODELS[i] / "net-scenario.json").read_text()
+        (out / MODELS[i] / "net-scenario.json").unlink()
+        (out / MODELS[i] / "first-attempt.json").write_text(first)
+    if again:
+        result = lab.run(
+            "\n".join(commands[i] for i in again),
+            cwd=REPO,
+            env={"PYTHONDONTWRITEBYTECODE": "1"},
+            timeout=500,
+            out_dir=out,
+        )
     reports: dict[str, dict[str, Any]] = {}
     for model in MODELS:
         report_file = out / model / "net-scenario.json"
@@ -77,6 +98,14 @@ def scenarios(lab: Lab) -> dict[str, dict[str, Any]]:
         report["guest_output"] = output
         reports[model] = report
     return reports
+
+
+def _triple_faulted(out: Path) -> bool:
+    report_file = out / "net-scenario.json"
+    if not report_file.is_file():
+        return False
+    vm = json.loads(report_file.read_text()).get("vm", {})
+    return "triple fault" in vm.get("stderr", "") and vm.get("returncode") != 0
 
 
 def _failure(report: dict[str, Any]) -> str:
