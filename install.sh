@@ -12,6 +12,11 @@ DEBIAN_PACKAGES=(
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio kmod
     # tests: iasl disassembles and recompiles our ACPI tables (tests/unit/test_acpi.py)
     acpica-tools
+    # fuzzing: clang builds the libFuzzer target of the C virtqueue engine (ASan+UBSan)
+    clang llvm
+    # vhost-user peers: DPDK's testpmd (net_virtio_user, net_vhost); qemu-storage-daemon
+    # comes with qemu-system-x86 (qemu-system-common)
+    dpdk
 )
 
 missing=()

@@ -1,4 +1,5 @@
-"""``iovirt`` command line: ``run`` a VM from a config file, ``check`` a config.
+"""``iovirt`` command line: ``run`` a VM from a config file, ``check`` a config, take a
+``screenshot`` of a running VM.
 
 User mistakes (a bad config, a missing /dev/kvm, a permission) end with one line on stderr
 that names the key or resource and what to do, and exit status 1; never a traceback.
@@ -7,6 +8,7 @@ that names the key or resource and what to do, and exit status 1; never a traceb
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -25,6 +27,17 @@ from iovirt.vm import VmExitReason
 # ends takes about a minute there; one that waits for input would hang CI forever.
 LAB_DEFAULT_TIMEOUT = 1800.0
 log = logging.getLogger("iovirt")
+
+
+def _cmd_screenshot(args: argparse.Namespace) -> int:
+    from iovirt.backends.vnc import capture_png, parse_vnc_address
+
+    host, port = parse_vnc_address(args.vnc)
+    width, height = asyncio.run(
+        capture_png(host, port, args.output, password=args.password, timeout=args.timeout)
+    )
+    print(f"{args.output}: {width}x{height}")
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -259,6 +272,18 @@ def make_parser() -> argparse.ArgumentParser:
         help="how the guest ends after the script (default reboot)",
     )
     image.set_defaults(func=_cmd_initramfs)
+
+    shot = sub.add_parser(
+        "screenshot",
+        help="write a PNG of a running VM's screen (through its VNC server)",
+        description="Connect to the VNC server of a running VM ([display] vnc in its config) "
+        "and write one full frame as a PNG.",
+    )
+    shot.add_argument("vnc", help="the VNC address: host:port, host::port or :N")
+    shot.add_argument("output", help="the PNG file to write")
+    shot.add_argument("--password", default=None, help="the VNC password, if it has one")
+    shot.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    shot.set_defaults(func=_cmd_screenshot)
 
     check = sub.add_parser("check", help="validate a config file without running it")
     check.add_argument("config", help="TOML config file")

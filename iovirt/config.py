@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from iovirt.backends.vnc import parse_vnc_address
 from iovirt.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|B)?\s*$", re.IGNORECASE)
@@ -188,6 +189,43 @@ class NicSection(_Strict):
         return v
 
 
+class DisplaySection(_Strict):
+    """``[display]``: the guest's screen, and the VNC server that shows it."""
+
+    model: Literal["bochs-display"] = "bochs-display"
+    vram: int = 16 << 20  # video memory (BAR0); a power of two, 1M-256M
+    vnc: str | None = "127.0.0.1:5900"  # host:port, host::port or :N (port 5900+N); None: off
+    password: str | None = None  # VNC authentication (RFB's DES challenge: 8 characters used)
+
+    @field_validator("vram", mode="before")
+    @classmethod
+    def _vram(cls, v: object) -> int:
+        size = parse_size(v)
+        if not 1 << 20 <= size <= 256 << 20 or size & (size - 1):
+            raise ValueError(f"{size} bytes is not a power of two between 1M and 256M")
+        return size
+
+    @field_validator("vnc")
+    @classmethod
+    def _vnc(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_vnc_address(v)  # raises a ValueError that names the problem
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not v.isascii() or len(v) > 8):
+            raise ValueError("VNC passwords are 1 to 8 ASCII characters (RFB's DES key)")
+        return v
+
+
+class InputSection(_Strict):
+    """``[[input]]``: an input device that VNC's keyboard and pointer events reach."""
+
+    model: Literal["ps2", "usb-keyboard", "usb-tablet"]
+
+
 class VmConfig(_Strict):
     """A whole config file."""
 
@@ -195,6 +233,17 @@ class VmConfig(_Strict):
     serial: SerialSection = SerialSection()
     disk: list[DiskSection] = []
     nic: list[NicSection] = []
+    display: DisplaySection | None = None
+    input: list[InputSection] = []
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: list[InputSection]) -> list[InputSection]:
+        models = [i.model for i in v]
+        for model in set(models):
+            if models.count(model) > 1:
+                raise ValueError(f"{model!r} is listed {models.count(model)} times; once is enough")
+        return v
 
 
 _BACKEND_KINDS = ("stdio", "file", "socket", "pty", "null", "tap")

@@ -19,6 +19,7 @@ from iovirt.backends.char import (
 )
 from iovirt.backends.net import NetBackend
 from iovirt.backends.tap import TapBackend
+from iovirt.backends.vnc import VncServer, parse_vnc_address
 from iovirt.boot import layout
 from iovirt.boot.acpi import build_acpi_tables
 from iovirt.boot.linux import LinuxImage, load_linux, parse_bzimage, plan_linux
@@ -36,12 +37,14 @@ from iovirt.config import (
 )
 from iovirt.devices.acpi_pm import AcpiSleepRegisters
 from iovirt.devices.ahci import Ahci
+from iovirt.devices.bochs_display import BochsDisplay
 from iovirt.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from iovirt.devices.e1000 import E1000
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
 from iovirt.errors import ConfigError
+from iovirt.input import InputSink
 from iovirt.kvm.platform import KvmPlatform
 from iovirt.virtio.blk import BlkOptions, VirtioBlk
 from iovirt.virtio.device import VirtioDevice
@@ -54,6 +57,7 @@ COM1_PORT = 0x3F8
 COM1_PORTS = 8
 COM1_IRQ = 4
 I8042_IRQ = 1
+I8042_AUX_IRQ = 12  # the PS/2 mouse
 POST_PORT = 0x80  # firmware/kernel "I/O delay" writes; claimed so they are not logged
 
 # The 32-bit hole: PCI BARs get PCI_MMIO_WINDOW [start, end); virtio-mmio devices sit
@@ -133,7 +137,7 @@ def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
         # The PC board every guest gets: PCI bus 0 behind 0xCF8, the i8042 reset line.
         vm.pci = PciRoot(mmio=vm.mmio, pio=vm.pio, mem_window=PCI_MMIO_WINDOW)
         vm.pio.register(CONFIG_ADDRESS_PORT, CONFIG_PORTS, vm.pci, "pci-root")
-        i8042 = I8042(lambda: vm.stop(VmExitReason.RESET), vm.irq(I8042_IRQ))
+        i8042 = I8042(lambda: vm.stop(VmExitReason.RESET), vm.irq(I8042_IRQ), vm.irq(I8042_AUX_IRQ))
         vm.pio.register(I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1, i8042, "i8042")
         vm.pio.register(POST_PORT, 1, _Sink(), "post")
         vm.pio.register(RTC_INDEX_PORT, RTC_PORTS, CmosRtc(), "rtc")
@@ -147,6 +151,7 @@ def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
         mmio_devices: list[tuple[int, int, int]] = []
         _add_disks(vm, platform, config.disk, mmio_devices)
         _add_nics(vm, platform, config.nic, mmio_devices)
+        _add_display_and_inputs(vm, platform, config, i8042)
         if config.vm.kernel is not None:
             _load_kernel(vm, config, kernel, mmio_devices)
         elif config.vm.firmware is not None:
@@ -187,6 +192,28 @@ def check_boot_files(config: VmConfig) -> LinuxImage | None:
         str(config.vm.initrd or ""),
     )
     return image
+
+
+def _add_display_and_inputs(vm: Vm, platform: KvmPlatform, config: VmConfig, i8042: I8042) -> None:
+    """The ``[display]`` (a bochs display on PCI) and its VNC server, whose keyboard and
+    pointer events go to every ``[[input]]`` device, in config order."""
+    if config.display is None:
+        if config.input:
+            raise ConfigError("input", "input devices are fed from VNC: add a [display] with vnc")
+        return
+    assert vm.pci is not None
+    display = BochsDisplay(platform, config.display.vram)
+    vm.pci.add(display, _free_slot(vm, "display"))
+    vm.add_closer(display.close)
+    sinks: list[InputSink] = []
+    for entry in config.input:
+        if entry.model == "ps2":
+            sinks += [i8042.keyboard, i8042.mouse]
+    if config.display.vnc is None:
+        return
+    host, port = parse_vnc_address(config.display.vnc)
+    server = VncServer(display, sinks, host, port, password=config.display.password)
+    vm.add_service(server.start, server.close)
 
 
 def _add_disks(

@@ -21,7 +21,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +172,9 @@ class Vm:
         self.timers = TimerThread()
         self._closers.append(self.timers.close)
         self._char_backends: list[tuple[CharBackend, Callable[[bytes], object]]] = []
+        self._services: list[
+            tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]
+        ] = []
         self._exit: VmExit | None = None
         self._exit_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +199,14 @@ class Vm:
     def add_char_backend(self, backend: CharBackend, on_input: Callable[[bytes], object]) -> None:
         """Open ``backend`` on the host I/O loop when the VM runs; input goes to ``on_input``."""
         self._char_backends.append((backend, on_input))
+
+    def add_service(
+        self, start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``start()`` on the host I/O loop before the vCPUs start (a failure, e.g. a
+        VNC port in use, ends :meth:`run` with that error before the guest runs) and
+        ``stop()`` after they stopped. For host-side servers such as VNC."""
+        self._services.append((start, stop))
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Call ``closer`` on :meth:`close`, before guest RAM is unmapped (closers run in
@@ -281,11 +292,15 @@ class Vm:
         loop = asyncio.get_running_loop()
         self._stopped_event = asyncio.Event()
         opened: list[CharBackend] = []
+        started: list[Callable[[], Awaitable[None]]] = []
         signals: list[int] = []
         try:
             for backend, on_input in self._char_backends:
                 backend.open(loop, on_input)
                 opened.append(backend)
+            for start, stop in self._services:
+                await start()
+                started.append(stop)
             with self._watch_lock:
                 watched = list(self._watches)
             for fd in watched:
@@ -320,6 +335,11 @@ class Vm:
                 watched = list(self._watches)
             for fd in watched:
                 loop.remove_reader(fd)
+            for stop in reversed(started):
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("stopping service %r failed", stop)
             for backend in reversed(opened):
                 try:
                     backend.close()

@@ -647,3 +647,42 @@ def test_load_config_with_a_nic(tmp_path: Path, kernel: Path) -> None:
     assert nic.mac == "52:54:00:12:34:57"
     assert nic.queues == 2
     assert (nic.backend.ifname, nic.backend.netns) == ("tap0", "iovirt-test")
+
+
+# -- [display] and [[input]] --------------------------------------------------------------
+
+
+def test_display_defaults_and_inputs() -> None:
+    config = parse_config(
+        {
+            "display": {"vnc": ":1", "vram": "32M"},
+            "input": [{"model": "ps2"}, {"model": "usb-tablet"}],
+        }
+    )
+    assert config.display is not None
+    assert config.display.model == "bochs-display" and config.display.vram == 32 << 20
+    assert config.display.vnc == ":1" and config.display.password is None
+    assert [i.model for i in config.input] == ["ps2", "usb-tablet"]
+    assert parse_config({}).display is None
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({"display": {"vnc": "no port"}}, "display.vnc", "host:port"),
+        ({"display": {"vnc": "127.0.0.1:70000"}}, "display.vnc", "not a port number"),
+        ({"display": {"vram": "3M"}}, "display.vram", "power of two"),
+        ({"display": {"vram": "1G"}}, "display.vram", "between 1M and 256M"),
+        ({"display": {"password": "much-too-long"}}, "display.password", "1 to 8 ASCII"),
+        ({"display": {"password": ""}}, "display.password", "1 to 8 ASCII"),
+        ({"input": [{"model": "ps3"}]}, "input.0.model", "'ps2'"),
+        ({"input": [{"model": "ps2"}, {"model": "ps2"}]}, "input", "listed 2 times"),
+    ],
+)
+def test_display_and_input_mistakes_name_the_key(
+    data: dict[str, Any], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == key
+    assert words in str(err.value)
