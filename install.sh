@@ -17,6 +17,8 @@ DEBIAN_PACKAGES=(
     # vhost-user peers: DPDK's testpmd (net_virtio_user, net_vhost); qemu-storage-daemon
     # comes with qemu-system-x86 (qemu-system-common)
     dpdk
+    # iovirt host pci: PCI vendor and device names
+    pci.ids
 )
 
 missing=()

@@ -1,5 +1,5 @@
 """``iovirt`` command line: ``run`` a VM from a config file, ``check`` a config, take a
-``screenshot`` of a running VM.
+``screenshot`` of a running VM, list and bind ``host`` PCI devices for passthrough.
 
 User mistakes (a bad config, a missing /dev/kvm, a permission) end with one line on stderr
 that names the key or resource and what to do, and exit status 1; never a traceback.
@@ -21,6 +21,8 @@ from iovirt.config import FileChar, SocketChar, VmConfig, load_config
 from iovirt.errors import ConfigError, IovirtError, ResourceError, UserError
 from iovirt.kvm.system import kvm_flavour
 from iovirt.machine import build_vm, check_boot_files
+from iovirt.vfio import cli as host_cli
+from iovirt.vfio.board import check_passthrough
 from iovirt.vm import VmExitReason
 
 # How long `iovirt run` lets a lab run without --timeout: a stock guest that boots and
@@ -41,7 +43,9 @@ def _cmd_screenshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    check_boot_files(load_config(args.config))
+    config = load_config(args.config)
+    check_boot_files(config)
+    check_passthrough(config.passthrough)
     print(f"{args.config}: ok")
     return 0
 
@@ -150,8 +154,17 @@ def _terminate(signo: int, frame: object) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     kernel = check_boot_files(config)  # parsed once, reused by build_vm below
+    # Every passthrough mistake (no IOMMU, not bound to vfio-pci, a group that is not
+    # viable, no permission) ends here, before a VM or the lab starts.
+    check_passthrough(config.passthrough)
     reason = lab_reason(config)
     if args.lab or reason is not None:
+        if config.passthrough:
+            raise ConfigError(
+                "passthrough",
+                f"{reason or '--lab given'}, and the lab cannot reach this host's PCI "
+                "devices; run on a host whose KVM is VT-x/AMD-V",
+            )
         if args.no_lab:
             raise UserError(
                 f"{reason}; drop --no-lab to run the guest nested in the lab, "
@@ -284,6 +297,8 @@ def make_parser() -> argparse.ArgumentParser:
     shot.add_argument("--password", default=None, help="the VNC password, if it has one")
     shot.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     shot.set_defaults(func=_cmd_screenshot)
+
+    host_cli.register(sub)
 
     check = sub.add_parser("check", help="validate a config file without running it")
     check.add_argument("config", help="TOML config file")

@@ -226,6 +226,22 @@ class InputSection(_Strict):
     model: Literal["ps2", "usb-keyboard", "usb-tablet"]
 
 
+class PassthroughSection(_Strict):
+    """``[[passthrough]]``: a host PCI device handed to the guest through VFIO."""
+
+    host: str  # the device's PCI address, e.g. "0000:00:04.0"; it must be bound to vfio-pci
+    # The host's VFIO interface: "auto" takes iommufd + the VFIO cdev where the kernel has
+    # both (Linux 6.6+), else the type1 container; all [[passthrough]] entries share one.
+    iommu: Literal["auto", "iommufd", "type1"] = "auto"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        from iovirt.vfio.host import normalize_bdf
+
+        return normalize_bdf(v)  # its ValueError names the problem
+
+
 class VmConfig(_Strict):
     """A whole config file."""
 
@@ -235,6 +251,7 @@ class VmConfig(_Strict):
     nic: list[NicSection] = []
     display: DisplaySection | None = None
     input: list[InputSection] = []
+    passthrough: list[PassthroughSection] = []
 
     @field_validator("input")
     @classmethod
