@@ -112,7 +112,10 @@ INTERRUPT_ENDPOINT = 1  # endpoint number of the interrupt IN endpoint (address 
 INTERRUPT_MAX_PACKET = 8
 INTERRUPT_INTERVAL_MS = 10
 
-REPORT_QUEUE_LENGTH = 16
+# Enough for a typed burst: VNC clients send a whole pasted or typed line at once, each
+# key is two reports (down, up), and a slow guest takes one report per interrupt transfer.
+# Dropping a keyboard report loses a key or leaves one stuck (seen with 16 in the lab).
+REPORT_QUEUE_LENGTH = 256
 
 # --- Keyboard report (HID 1.11 appendix B.1).
 KEYBOARD_REPORT_SIZE = 8

@@ -17,6 +17,7 @@ import pytest
 
 from iovirt.devices.usb import Handshake, SetupPacket, UsbDevice, UsbState
 from iovirt.devices.usb_hid import (
+    REPORT_QUEUE_LENGTH,
     UsbHidDevice,
     UsbKeyboard,
     UsbTablet,
@@ -380,13 +381,14 @@ def test_reports_only_while_configured_and_bounded() -> None:
     keyboard.attach(keyboard.lock, notified.append)
     with pytest.raises(ValueError):
         keyboard.attach(keyboard.lock, notified.append)  # one device, one port
-    for i in range(10):
+    rounds = REPORT_QUEUE_LENGTH // 2 + 2  # two reports a round: 4 more than fit
+    for i in range(rounds):
         keyboard.key_event(KEY_S, i % 2 == 0)
         keyboard.key_event(KEY_D, i % 2 == 0)
-    assert keyboard.pending_reports == 16
+    assert keyboard.pending_reports == REPORT_QUEUE_LENGTH
     assert keyboard.dropped_reports == 4
-    assert notified == [1] * 20
-    queued = [keyboard.transfer_in(1, 8) for _ in range(16)]
+    assert notified == [1] * (2 * rounds)
+    queued = [keyboard.transfer_in(1, 8) for _ in range(REPORT_QUEUE_LENGTH)]
     assert queued[-1] == keyboard.current_report() == bytes([0, 0, 0x04, 0, 0, 0, 0, 0])
 
 
