@@ -519,6 +519,45 @@ int iov_net_error_fd(const struct iov_net *net);
 int iov_net_queue_error(const struct iov_net *net, unsigned q);
 void iov_net_get_stats(const struct iov_net *net, struct iov_net_stats *out);
 void iov_net_free(struct iov_net *net);
+
+/* ---- vhost-user back-end data paths (csrc/vhost_user_engine.h) ---- */
+#define IOV_VU_INFLIGHT_HEADER ...
+
+struct iov_vu_blk;
+struct iov_vu_blk *iov_vu_blk_new(const struct iov_mem *mem, const struct iov_blk_config *config,
+                                  unsigned nqueues);
+int iov_vu_blk_setup_queue(struct iov_vu_blk *vb, unsigned q, uint16_t size, uint64_t desc_gpa,
+                           uint64_t driver_gpa, uint64_t device_gpa, uint32_t flags, int kick_fd,
+                           int call_fd, uint16_t avail_base, void *inflight,
+                           uint64_t inflight_len);
+int iov_vu_blk_start_queue(struct iov_vu_blk *vb, unsigned q);
+int iov_vu_blk_process_queue(struct iov_vu_blk *vb, unsigned q);
+void iov_vu_blk_stop(struct iov_vu_blk *vb);
+int iov_vu_blk_running(const struct iov_vu_blk *vb, unsigned q);
+int iov_vu_blk_vring_base(const struct iov_vu_blk *vb, unsigned q);
+void iov_vu_blk_set_call(struct iov_vu_blk *vb, unsigned q, int call_fd);
+int iov_vu_blk_error_fd(const struct iov_vu_blk *vb);
+int iov_vu_blk_queue_error(const struct iov_vu_blk *vb, unsigned q);
+void iov_vu_blk_get_stats(const struct iov_vu_blk *vb, struct iov_blk_stats *out);
+void iov_vu_blk_free(struct iov_vu_blk *vb);
+
+struct iov_vu_net;
+struct iov_vu_net *iov_vu_net_new(const struct iov_mem *mem, const struct iov_net_config *config,
+                                  unsigned npairs);
+int iov_vu_net_setup_queue(struct iov_vu_net *vn, unsigned q, uint16_t size, uint64_t desc_gpa,
+                           uint64_t driver_gpa, uint64_t device_gpa, uint32_t flags, int kick_fd,
+                           int call_fd, uint16_t avail_base);
+int iov_vu_net_set_backend(struct iov_vu_net *vn, unsigned pair, int fd);
+int iov_vu_net_start_pair(struct iov_vu_net *vn, unsigned pair);
+int iov_vu_net_process_pair(struct iov_vu_net *vn, unsigned pair);
+void iov_vu_net_stop(struct iov_vu_net *vn);
+int iov_vu_net_running(const struct iov_vu_net *vn, unsigned pair);
+int iov_vu_net_vring_base(const struct iov_vu_net *vn, unsigned q);
+void iov_vu_net_set_call(struct iov_vu_net *vn, unsigned q, int call_fd);
+int iov_vu_net_error_fd(const struct iov_vu_net *vn);
+int iov_vu_net_queue_error(const struct iov_vu_net *vn, unsigned q);
+void iov_vu_net_get_stats(const struct iov_vu_net *vn, struct iov_net_stats *out);
+void iov_vu_net_free(struct iov_vu_net *vn);
 """
 
 # The payload structs mirror members of kvm_run's anonymous union; the accessors hand
@@ -532,6 +571,7 @@ SOURCE = r"""
 #include "virtqueue.h"
 #include "blk.h"
 #include "net.h"
+#include "vhost_user_engine.h"
 
 _Static_assert(E820_MAX_ENTRIES_ZEROPAGE == 128, "e820_table size");
 
@@ -568,7 +608,14 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "iovirt._native",
     SOURCE,
-    sources=["csrc/kvm_helpers.c", "csrc/virtqueue.c", "csrc/blk.c", "csrc/net.c"],
+    sources=[
+        "csrc/kvm_helpers.c",
+        "csrc/virtqueue.c",
+        "csrc/blk.c",
+        "csrc/net.c",
+        "csrc/vhost_user_blk.c",
+        "csrc/vhost_user_net.c",
+    ],
     include_dirs=["csrc"],
     # The blk and net data paths run their own worker threads.
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11", "-pthread"],
