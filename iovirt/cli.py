@@ -16,8 +16,16 @@ import sys
 from pathlib import Path
 
 from iovirt import __version__
+from iovirt.backends import vhost_user_cli
 from iovirt.boot.linux import kernel_release
-from iovirt.config import FileChar, SocketChar, VmConfig, load_config
+from iovirt.config import (
+    FileBlock,
+    FileChar,
+    SocketChar,
+    VhostUserBackend,
+    VmConfig,
+    load_config,
+)
 from iovirt.errors import ConfigError, IovirtError, ResourceError, UserError
 from iovirt.kvm.system import kvm_flavour
 from iovirt.machine import build_vm, check_boot_files
@@ -82,8 +90,21 @@ def _check_lab_paths(config_path: str, config: VmConfig) -> None:
         "vm.kernel": config.vm.kernel,
         "vm.initrd": config.vm.initrd,
     }
+    sockets = [
+        f"disk.{i}" for i, d in enumerate(config.disk) if isinstance(d.backend, VhostUserBackend)
+    ]
+    sockets += [
+        f"nic.{i}" for i, n in enumerate(config.nic) if isinstance(n.backend, VhostUserBackend)
+    ]
+    if sockets:
+        raise ConfigError(
+            f"{sockets[0]}.backend",
+            "a vhost-user socket on this host cannot be reached from the lab; run the "
+            "back-end and iovirt on a host with VT-x/AMD-V",
+        )
     for i, disk in enumerate(config.disk):
-        files[f"disk.{i}.backend.path"] = disk.backend.path
+        if isinstance(disk.backend, FileBlock):
+            files[f"disk.{i}.backend.path"] = disk.backend.path
     for key, path in files.items():
         if path is None:
             continue
@@ -102,6 +123,8 @@ def _disk_folders(config: VmConfig) -> list[Path]:
     path, so that what the guest writes (and flushes) is on the host's disk."""
     folders: list[Path] = []
     for disk in config.disk:
+        if not isinstance(disk.backend, FileBlock):
+            continue
         folder = Path(os.path.abspath(disk.backend.path)).parent
         if not disk.backend.readonly and folder not in folders:
             folders.append(folder)
@@ -299,6 +322,7 @@ def make_parser() -> argparse.ArgumentParser:
     shot.set_defaults(func=_cmd_screenshot)
 
     host_cli.register(sub)
+    vhost_user_cli.register(sub)
 
     check = sub.add_parser("check", help="validate a config file without running it")
     check.add_argument("config", help="TOML config file")

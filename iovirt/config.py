@@ -119,12 +119,23 @@ class FileBlock(_Strict):
     direct: bool = False  # O_DIRECT: bypass the host page cache
 
 
+class VhostUserBackend(_Strict):
+    """``backend = { kind = "vhost-user", socket = "..." }``: another process (a vhost-user
+    back-end such as qemu-storage-daemon, DPDK or ``iovirt vhost-user``) serves the rings."""
+
+    kind: Literal["vhost-user"]
+    socket: Path
+
+
+BlockBackendConfig = Annotated[FileBlock | VhostUserBackend, Field(discriminator="kind")]
+
+
 class DiskSection(_Strict):
     """``[[disk]]``: one disk; ``model`` is what the guest sees, ``backend`` what the host gives."""
 
     model: Literal["virtio-blk", "ahci"]
     transport: Literal["pci", "mmio"] = "pci"  # for virtio models: virtio-pci or virtio-mmio
-    backend: FileBlock
+    backend: BlockBackendConfig
     serial: str = ""
     queues: Annotated[int, Field(ge=1, le=64)] = 1
     queue_size: QueueSize = 256
@@ -163,6 +174,8 @@ class TapNet(_Strict):
         return v
 
 
+NetBackendConfig = Annotated[TapNet | VhostUserBackend, Field(discriminator="kind")]
+
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -172,7 +185,7 @@ class NicSection(_Strict):
     model: Literal["virtio-net", "e1000"]
     transport: Literal["pci", "mmio"] = "pci"  # for virtio models
     mac: str | None = None  # default: 52:54:00:12:34:56 plus the NIC's index
-    backend: TapNet
+    backend: NetBackendConfig
     queues: Annotated[int, Field(ge=1, le=16)] = 1  # queue pairs (VIRTIO_NET_F_MQ if > 1)
     queue_size: QueueSize = 256
     packed: bool = True
@@ -263,7 +276,7 @@ class VmConfig(_Strict):
         return v
 
 
-_BACKEND_KINDS = ("stdio", "file", "socket", "pty", "null", "tap")
+_BACKEND_KINDS = ("stdio", "file", "socket", "pty", "null", "tap", "vhost-user")
 
 
 def _key_of(loc: tuple[int | str, ...]) -> str:
@@ -331,7 +344,7 @@ def load_config(path: str | Path) -> VmConfig:
         if file is not None and not file.is_file():
             raise ConfigError(f"vm.{key}", f"{file}: no such file")
     for i, disk in enumerate(config.disk):
-        if not disk.backend.path.exists():
+        if isinstance(disk.backend, FileBlock) and not disk.backend.path.exists():
             raise ConfigError(
                 f"disk.{i}.backend.path",
                 f"{disk.backend.path}: no such file; create it (e.g. truncate -s 1G FILE)",

@@ -33,6 +33,7 @@ from iovirt.config import (
     PtyChar,
     SocketChar,
     StdioChar,
+    VhostUserBackend,
     VmConfig,
 )
 from iovirt.devices.acpi_pm import AcpiSleepRegisters
@@ -43,14 +44,19 @@ from iovirt.devices.e1000 import E1000
 from iovirt.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from iovirt.devices.rtc import RTC_INDEX_PORT, RTC_PORTS, CmosRtc
 from iovirt.devices.serial import Serial16550A
+from iovirt.devices.usb import UsbDevice
+from iovirt.devices.usb_hid import UsbKeyboard, UsbTablet
+from iovirt.devices.xhci import Xhci
 from iovirt.errors import ConfigError
 from iovirt.input import InputSink
 from iovirt.kvm.platform import KvmPlatform
+from iovirt.vfio.board import add_passthrough
 from iovirt.virtio.blk import BlkOptions, VirtioBlk
 from iovirt.virtio.device import VirtioDevice
 from iovirt.virtio.mmio import VirtioMmioTransport
 from iovirt.virtio.net import NetOptions, VirtioNet, parse_mac
 from iovirt.virtio.pci import VirtioPciTransport
+from iovirt.virtio.vhost_user import VhostUserBlk, VhostUserNet
 from iovirt.vm import Vm, VmExitReason, ram_layout
 
 COM1_PORT = 0x3F8
@@ -152,6 +158,7 @@ def build_vm(config: VmConfig, kernel: LinuxImage | None = None) -> Vm:
         _add_disks(vm, platform, config.disk, mmio_devices)
         _add_nics(vm, platform, config.nic, mmio_devices)
         _add_display_and_inputs(vm, platform, config, i8042)
+        add_passthrough(vm, platform, config.passthrough)
         if config.vm.kernel is not None:
             _load_kernel(vm, config, kernel, mmio_devices)
         elif config.vm.firmware is not None:
@@ -206,9 +213,27 @@ def _add_display_and_inputs(vm: Vm, platform: KvmPlatform, config: VmConfig, i80
     vm.pci.add(display, _free_slot(vm, "display"))
     vm.add_closer(display.close)
     sinks: list[InputSink] = []
+    usb: list[UsbDevice] = []
     for entry in config.input:
         if entry.model == "ps2":
             sinks += [i8042.keyboard, i8042.mouse]
+        else:
+            device = UsbKeyboard() if entry.model == "usb-keyboard" else UsbTablet()
+            usb.append(device)  # on root port len(usb), in config order
+            sinks.append(device)
+    if usb:
+        slot = _free_slot(vm, "input")
+        gsi = PCI_INTX_GSI_BASE + slot % 8
+        xhci: Xhci | None = None
+
+        def schedule_poll(when: float) -> None:
+            # Interrupter moderation: the controller asks to be polled at ``when``.
+            if xhci is not None:
+                vm.timers.call_at(when, xhci.poll)
+
+        xhci = Xhci(platform, usb, intx=vm.irq(gsi), interrupt_line=gsi, timer=schedule_poll)
+        vm.pci.add(xhci, slot)
+        vm.add_closer(xhci.close)
     if config.display.vnc is None:
         return
     host, port = parse_vnc_address(config.display.vnc)
@@ -228,6 +253,16 @@ def _add_disks(
     ahci_disks: list[tuple[FileBlockBackend, str]] = []
     for i, disk in enumerate(disks):
         key = f"disk.{i}"
+        if isinstance(disk.backend, VhostUserBackend):
+            if disk.model != "virtio-blk":
+                raise ConfigError(f"{key}.backend", "vhost-user serves virtio-blk only")
+            vu_blk = VhostUserBlk(
+                str(disk.backend.socket), num_queues=disk.queues, queue_size=disk.queue_size
+            )
+            vu_blk.attach(platform)
+            vm.add_closer(vu_blk.close)
+            _add_virtio(vm, platform, vu_blk, disk.transport, key, mmio_devices)
+            continue
         backend = FileBlockBackend(
             disk.backend.path, readonly=disk.backend.readonly, direct=disk.backend.direct
         )
@@ -287,6 +322,16 @@ def _add_nics(
         mac = DEFAULT_MAC[:5] + bytes([(DEFAULT_MAC[5] + i) & 0xFF])
         if nic.mac is not None:
             mac = parse_mac(nic.mac)
+        if isinstance(nic.backend, VhostUserBackend):
+            if nic.model != "virtio-net" or nic.queues != 1:
+                raise ConfigError(
+                    f"{key}.backend", "vhost-user serves virtio-net with queues = 1 only"
+                )
+            vu_net = VhostUserNet(str(nic.backend.socket), mac, queue_size=nic.queue_size)
+            vu_net.attach(platform)
+            vm.add_closer(vu_net.close)
+            _add_virtio(vm, platform, vu_net, nic.transport, key, mmio_devices)
+            continue
         tap = nic.backend
         pairs = nic.queues if nic.model == "virtio-net" else 1
         backend = TapBackend(tap.ifname, netns=tap.netns, bridge=tap.bridge, queues=pairs)

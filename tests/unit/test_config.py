@@ -406,8 +406,8 @@ DISK_REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
     (
         "unknown backend kind",
         disk_doc(backend={"kind": "qcow2", "path": "x.qcow2"}),
-        "disk.0.backend.kind",
-        "'file'",
+        "disk.0.backend",
+        "'file', 'vhost-user'",
     ),
     ("backend missing", {"disk": [{"model": "virtio-blk"}]}, "disk.0.backend", "missing"),
     ("backend without path", disk_doc(backend={"kind": "file"}), "disk.0.backend.path", "missing"),
@@ -561,8 +561,8 @@ NIC_REJECTED: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown model", nic_doc(model="rtl8139"), "nic.0.model", "'virtio-net'"),
     ("model missing", {"nic": [{"backend": {"kind": "tap"}}]}, "nic.0.model", "missing"),
     ("backend missing", {"nic": [{"model": "virtio-net"}]}, "nic.0.backend", "missing"),
-    ("unknown backend kind", nic_doc(backend={"kind": "vde"}), "nic.0.backend.kind", "'tap'"),
-    ("backend without kind", nic_doc(backend={"ifname": "tap0"}), "nic.0.backend.kind", "missing"),
+    ("unknown backend kind", nic_doc(backend={"kind": "vde"}), "nic.0.backend", "'tap'"),
+    ("backend without kind", nic_doc(backend={"ifname": "tap0"}), "nic.0.backend", "'kind'"),
     (
         "unknown key in backend",
         nic_doc(backend={"kind": "tap", "queues": 2}),
