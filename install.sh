@@ -13,7 +13,7 @@ DEBIAN_PACKAGES=(
     # tests: iasl disassembles and recompiles our ACPI tables (tests/unit/test_acpi.py)
     acpica-tools
     # fuzzing: clang builds the libFuzzer target of the C virtqueue engine (ASan+UBSan)
-    clang llvm
+    clang llvm libclang-rt-14-dev
     # vhost-user peers: DPDK's testpmd (net_virtio_user, net_vhost); qemu-storage-daemon
     # comes with qemu-system-x86 (qemu-system-common)
     dpdk

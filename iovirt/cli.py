@@ -27,6 +27,7 @@ from iovirt.config import (
     load_config,
 )
 from iovirt.errors import ConfigError, IovirtError, ResourceError, UserError
+from iovirt.fuzz import cli as fuzz_cli
 from iovirt.kvm.system import kvm_flavour
 from iovirt.machine import build_vm, check_boot_files
 from iovirt.vfio import cli as host_cli
@@ -323,6 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     host_cli.register(sub)
     vhost_user_cli.register(sub)
+    fuzz_cli.register(sub)
 
     check = sub.add_parser("check", help="validate a config file without running it")
     check.add_argument("config", help="TOML config file")
