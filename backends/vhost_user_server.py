@@ -269,9 +269,60 @@ def _setup_error(q: int, ret: int) -> VhostUserError:
     return VhostUserError(f"ring {q}: the engine refused its layout ({os.strerror(-ret)})")
 
 
-class BlkRingEngine:
+class _RingEngine:
+    """What both C engines share: ``lib.iov_vu_{blk,net}_*`` are the same calls on
+    different handles, so these methods look them up by :attr:`_C` (the prefix) and
+    :attr:`_STATS` (the counters reported from the engine's stats struct)."""
+
+    _C: str
+    _STATS: tuple[str, ...]
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._mem = MemoryTable(memory)
+        self._h: Any = None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return getattr(lib, f"iov_vu_{self._C}_{name}")(self._h, *args)
+
+    def _adopt(self, handle: Any) -> None:
+        if handle == ffi.NULL:
+            raise VhostUserError(f"virtio-{self._C} engine: {os.strerror(ffi.errno or 12)}")
+        self._h = handle
+
+    def stop_all(self) -> None:
+        self._call("stop")
+
+    def running(self, unit: int) -> bool:
+        return bool(self._call("running", unit))
+
+    def vring_base(self, q: int) -> int:
+        return int(self._call("vring_base", q))
+
+    def set_call(self, q: int, fd: int) -> None:
+        self._call("set_call", q, fd)
+
+    @property
+    def error_fd(self) -> int:
+        return int(self._call("error_fd"))
+
+    def queue_error(self, q: int) -> int:
+        return int(self._call("queue_error", q))
+
+    def stats(self) -> dict[str, int]:
+        out: Any = ffi.new(f"struct iov_{self._C}_stats *")
+        self._call("get_stats", out)
+        return {name: int(getattr(out, name)) for name in self._STATS}
+
+    def close(self) -> None:
+        h, self._h = self._h, None
+        if h is not None:
+            getattr(lib, f"iov_vu_{self._C}_free")(h)
+
+
+class BlkRingEngine(_RingEngine):
     """virtio-blk queues over ``lib.iov_vu_blk_*`` (one worker per queue)."""
 
+    _C = "blk"
     _STATS = ("requests", "read_bytes", "write_bytes", "flushes", "ioerr", "unsupp")
 
     def __init__(
@@ -282,7 +333,7 @@ class BlkRingEngine:
         features: int,
         nqueues: int,
     ) -> None:
-        self._mem = MemoryTable(memory)
+        super().__init__(memory)
         cfg: Any = ffi.new("struct iov_blk_config *")
         cfg.fd = backend.fd
         cfg.capacity = backend.size // SECTOR_SIZE
@@ -296,10 +347,7 @@ class BlkRingEngine:
         cfg.max_discard_sectors = cfg.max_write_zeroes_sectors = MAX_DISCARD_SECTORS
         cfg.max_discard_seg = cfg.max_write_zeroes_seg = MAX_DISCARD_SEG
         ffi.memmove(cfg.serial, options.serial, len(options.serial))
-        handle = lib.iov_vu_blk_new(self._mem.ptr, cfg, nqueues)
-        if handle == ffi.NULL:
-            raise VhostUserError(f"virtio-blk engine: {os.strerror(ffi.errno or 12)}")
-        self._h: Any = handle
+        self._adopt(lib.iov_vu_blk_new(self._mem.ptr, cfg, nqueues))
         self.nqueues = nqueues
 
     def unit_of(self, q: int) -> int:
@@ -333,39 +381,11 @@ class BlkRingEngine:
         if ret < 0:
             raise VhostUserError(f"ring {unit}: cannot start its worker ({os.strerror(-ret)})")
 
-    def stop_all(self) -> None:
-        lib.iov_vu_blk_stop(self._h)
 
-    def running(self, unit: int) -> bool:
-        return bool(lib.iov_vu_blk_running(self._h, unit))
-
-    def vring_base(self, q: int) -> int:
-        return int(lib.iov_vu_blk_vring_base(self._h, q))
-
-    def set_call(self, q: int, fd: int) -> None:
-        lib.iov_vu_blk_set_call(self._h, q, fd)
-
-    @property
-    def error_fd(self) -> int:
-        return int(lib.iov_vu_blk_error_fd(self._h))
-
-    def queue_error(self, q: int) -> int:
-        return int(lib.iov_vu_blk_queue_error(self._h, q))
-
-    def stats(self) -> dict[str, int]:
-        out: Any = ffi.new("struct iov_blk_stats *")
-        lib.iov_vu_blk_get_stats(self._h, out)
-        return {name: int(getattr(out, name)) for name in self._STATS}
-
-    def close(self) -> None:
-        h, self._h = self._h, None
-        if h is not None:
-            lib.iov_vu_blk_free(h)
-
-
-class NetRingEngine:
+class NetRingEngine(_RingEngine):
     """virtio-net queue pairs over ``lib.iov_vu_net_*`` (one worker per pair)."""
 
+    _C = "net"
     _STATS = (
         "rx_packets",
         "rx_bytes",
@@ -378,14 +398,11 @@ class NetRingEngine:
     def __init__(
         self, memory: GuestMemory, backend: NetBackend, features: int, npairs: int
     ) -> None:
-        self._mem = MemoryTable(memory)
+        super().__init__(memory)
         cfg: Any = ffi.new("struct iov_net_config *")
         cfg.hdr_len = VNET_HDR_LEN
         cfg.mrg_rxbuf = features >> VIRTIO_NET_F_MRG_RXBUF & 1
-        handle = lib.iov_vu_net_new(self._mem.ptr, cfg, npairs)
-        if handle == ffi.NULL:
-            raise VhostUserError(f"virtio-net engine: {os.strerror(ffi.errno or 12)}")
-        self._h: Any = handle
+        self._adopt(lib.iov_vu_net_new(self._mem.ptr, cfg, npairs))
         self.backend = backend
         self.npairs = npairs
 
@@ -416,35 +433,6 @@ class NetRingEngine:
             ret = lib.iov_vu_net_start_pair(self._h, unit)
         if ret < 0:
             raise VhostUserError(f"queue pair {unit}: cannot start ({os.strerror(-ret)})")
-
-    def stop_all(self) -> None:
-        lib.iov_vu_net_stop(self._h)
-
-    def running(self, unit: int) -> bool:
-        return bool(lib.iov_vu_net_running(self._h, unit))
-
-    def vring_base(self, q: int) -> int:
-        return int(lib.iov_vu_net_vring_base(self._h, q))
-
-    def set_call(self, q: int, fd: int) -> None:
-        lib.iov_vu_net_set_call(self._h, q, fd)
-
-    @property
-    def error_fd(self) -> int:
-        return int(lib.iov_vu_net_error_fd(self._h))
-
-    def queue_error(self, q: int) -> int:
-        return int(lib.iov_vu_net_queue_error(self._h, q))
-
-    def stats(self) -> dict[str, int]:
-        out: Any = ffi.new("struct iov_net_stats *")
-        lib.iov_vu_net_get_stats(self._h, out)
-        return {name: int(getattr(out, name)) for name in self._STATS}
-
-    def close(self) -> None:
-        h, self._h = self._h, None
-        if h is not None:
-            lib.iov_vu_net_free(h)
 
 
 # ---- the devices ----------------------------------------------------------------------
