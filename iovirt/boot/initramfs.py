@@ -427,7 +427,10 @@ def guest_test_initramfs(
         if timeout <= 0:
             raise UserError(f"guest test: timeout must be positive, got {timeout}")
         runner = f"timeout -s KILL {int(timeout)} {runner}"
+    # The newline first: firmware (SeaBIOS's "Booting from ROM..") may leave the console
+    # mid-line, and the BEGIN marker must stand on a line of its own.
     init = f"""\
+echo
 echo {TEST_BEGIN}
 {runner} </dev/null 2>&1
 rc=$?
